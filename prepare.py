@@ -1,0 +1,188 @@
+"""Lay out Market-1501 (or the synthetic Market-format set) as a prepared root of links and split manifests.
+
+The user's images are never moved, deleted or overwritten: the prepared root holds links (or copies with
+--copy) and splits/*.json. Running it twice gives the same result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import filecmp
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import (
+    MARKET_FOLDERS,
+    ImageRecord,
+    SyntheticConfig,
+    find_market_root,
+    load_market,
+    manifest_path,
+    records_to_rows,
+    seed_split,
+    split_validation_ids,
+    without_labels,
+    write_synthetic,
+)
+from utils import LOG, UserError, normalise_flag_spelling, read_json, setup_logging, write_json
+
+DEFAULT_VAL_IDS = 100
+SYNTHETIC_RECORD = "synthetic.json"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags of prepare.py; `-` and `_` spellings are both accepted."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, help="raw Market-1501 folder (or its parent)")
+    parser.add_argument("--out", type=Path, help="prepared root to write (links and splits/*.json)")
+    parser.add_argument("--synthetic", type=Path, help="write the synthetic Market-format set to this folder")
+    parser.add_argument("--copy", action="store_true", help="copy images instead of linking them")
+    parser.add_argument("--val-ids", type=int, default=None,
+                        help=f"training identities held out for validation (default {DEFAULT_VAL_IDS}, "
+                        "at most a fifth of the training identities)")
+    parser.add_argument("--test-share", type=float, default=0.6, help="the seed split's share of images for test")
+    parser.add_argument("--seed", type=int, default=0)
+    synth = parser.add_argument_group("synthetic set sizes")
+    defaults = SyntheticConfig()
+    synth.add_argument("--train-ids", type=int, default=defaults.train_ids)
+    synth.add_argument("--test-ids", type=int, default=defaults.test_ids)
+    synth.add_argument("--cameras", type=int, default=defaults.cameras)
+    synth.add_argument("--images-per-camera", type=int, default=defaults.images_per_camera)
+    synth.add_argument("--height", type=int, default=defaults.height)
+    synth.add_argument("--width", type=int, default=defaults.width)
+    synth.add_argument("--distractors", type=int, default=defaults.distractors)
+    synth.add_argument("--junk", type=int, default=defaults.junk)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.data is None and args.synthetic is None:
+        parser.error("give --data RAW --out PREPARED, or --synthetic DIR (optionally with --out PREPARED)")
+    if args.data is not None and args.out is None:
+        parser.error("--data needs --out PREPARED")
+    if not 0 < args.test_share < 1:
+        parser.error(f"--test-share {args.test_share}: expected a number between 0 and 1")
+    return args
+
+
+def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
+    """The synthetic set's sizes from the flags."""
+    return SyntheticConfig(args.train_ids, args.test_ids, args.cameras, args.images_per_camera,
+                           height=args.height, width=args.width, distractors=args.distractors, junk=args.junk,
+                           seed=args.seed)
+
+
+def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> None:
+    """Generate the synthetic set into an empty folder; a folder holding the same set already is left as it is."""
+    record = folder / SYNTHETIC_RECORD
+    wanted = dataclasses.asdict(config)
+    if record.is_file():
+        if read_json(record) == wanted:
+            LOG.info("%s: synthetic set already there, same settings", folder)
+            return
+        raise UserError(f"{folder}: holds a synthetic set with other settings ({record}); choose another folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder}: not empty; the synthetic set is written only into a new or empty folder")
+    counts = write_synthetic(folder, config, progress=progress)
+    write_json(record, wanted)
+    LOG.info("%s: wrote %s", folder, ", ".join(f"{n} {part}" for part, n in counts.items()))
+
+
+def place_image(source: Path, target: Path, copy: bool) -> None:
+    """Link (or copy) one image into the prepared root; an existing different file there is an error."""
+    if target.is_symlink() or target.exists():
+        same = (target.is_symlink() and Path(os.readlink(target)) == source) or (
+            not target.is_symlink() and filecmp.cmp(source, target, shallow=False))
+        if not same:
+            raise UserError(f"{target}: already exists and is not {source}; use an empty --out folder")
+        return
+    if copy:
+        shutil.copy2(source, target)
+    else:
+        target.symlink_to(source)
+
+
+def place_records(records: Sequence[ImageRecord], folder: Path, copy: bool) -> list[ImageRecord]:
+    """Put each record's image into `folder` and return records pointing at the placed files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    placed = []
+    for r in records:
+        target = folder / Path(r.path).name
+        place_image(Path(r.path).resolve(), target, copy)
+        placed.append(dataclasses.replace(r, path=str(target)))
+    return placed
+
+
+def check_out_folder(out: Path, market: Path, raw: Path) -> None:
+    """Refuse a prepared root that is, or lies inside, the user's image folders."""
+    resolved = out.resolve()
+    protected = [raw.resolve(), market.resolve()] + [(market / f).resolve() for f in MARKET_FOLDERS.values()]
+    if any(resolved == p for p in protected) or any(p in resolved.parents for p in protected[1:]):
+        raise UserError(f"--out {out}: must not be the raw dataset folder or lie inside it; choose a new folder")
+
+
+def describe(records: Sequence[ImageRecord]) -> str:
+    """Identities, cameras and images of a record list, for the summary."""
+    pids = {r.pid for r in records if r.pid > 0}
+    return f"{len(pids):5d} ids {len({r.camid for r in records}):2d} cams {len(records):6d} images"
+
+
+def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: float, seed: int) -> dict:
+    """Write the prepared root and every split manifest; return the summary that prepare.json holds."""
+    market = find_market_root(raw)
+    check_out_folder(out, market, raw)
+    parts = load_market(market)
+    placed = {part: place_records(records, out / MARKET_FOLDERS[part], copy) for part, records in parts.items()}
+    num_train_ids = len({r.pid for r in placed["train"]})
+    if val_ids is None:
+        val_ids = min(DEFAULT_VAL_IDS, num_train_ids // 5)
+    train, val_query, val_gallery = split_validation_ids(placed["train"], val_ids, seed)
+    seed_test, seed_val, left_out = seed_split(placed["gallery"], test_share, seed)
+    source = {"raw": str(market.resolve()), "seed": seed, "val_ids": val_ids, "test_share": test_share}
+    manifests = {
+        "train": {"images": records_to_rows(train, out), "num_classes": len({r.pid for r in train})},
+        "val": {"query": records_to_rows(val_query, out), "gallery": records_to_rows(val_gallery, out),
+                "protocol": "query-gallery"},
+        "test": {"query": records_to_rows(without_labels(placed["query"]), out),
+                 "gallery": records_to_rows(without_labels(placed["gallery"]), out), "protocol": "query-gallery"},
+        "seed_test": {"query": records_to_rows(seed_test, out), "gallery": records_to_rows(seed_test, out),
+                      "protocol": "all-vs-all"},
+        "seed_val": {"query": records_to_rows(seed_val, out), "gallery": records_to_rows(seed_val, out),
+                     "protocol": "all-vs-all", "left_out_ids": left_out},
+    }
+    for split, manifest in manifests.items():
+        write_json(manifest_path(out, split), {"split": split, **source, **manifest})
+    summary = {
+        **source,
+        "train": describe(train), "val query": describe(val_query), "val gallery": describe(val_gallery),
+        "test query": describe(placed["query"]), "test gallery": describe(placed["gallery"]),
+        "seed_test": describe(seed_test), "seed_val": describe(seed_val),
+        "seed_val left out ids": len(left_out),
+    }
+    write_json(out / "prepare.json", summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    raw = args.data
+    if args.synthetic is not None:
+        ensure_synthetic(args.synthetic, synthetic_config(args), progress=not args.quiet)
+        raw = raw or args.synthetic
+    if args.out is None:
+        return
+    summary = prepare(raw, args.out, args.copy, args.val_ids, args.test_share, args.seed)
+    LOG.info("prepared %s from %s (seed %d, %d validation ids)", args.out, summary["raw"], args.seed,
+             summary["val_ids"])
+    for key in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test", "seed_val"):
+        LOG.info("  %-13s %s", key, summary[key])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")

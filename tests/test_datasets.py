@@ -1,0 +1,171 @@
+"""The Market-1501 data layer: parsing, errors, the synthetic generator, the P×K sampler and transforms."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_market_tree
+from PIL import Image
+
+import datasets
+from datasets import (
+    ImageRecord,
+    PKSampler,
+    SyntheticConfig,
+    build_transforms,
+    find_market_root,
+    load_market,
+    parse_market_name,
+    write_synthetic,
+)
+from utils import UserError
+
+
+def test_market_names_parse_to_pid_and_camera():
+    assert parse_market_name("0002_c1s1_000451_03.jpg") == (2, 1)
+    assert parse_market_name("-1_c3s2_012345_00.jpg") == (-1, 3)
+    assert parse_market_name("0000_c6s4_002227_02.jpg") == (0, 6)
+    assert parse_market_name("Thumbs.db") is None
+    assert parse_market_name("002_c1s1_000451_03.jpg") is None
+    assert parse_market_name("0002_c1s1_000451_03.png") is None
+
+
+def test_counts_relabelling_and_ignored_files(market_tree: Path, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.INFO, logger="reid"):
+        parts = load_market(market_tree)
+    assert [len(parts[p]) for p in ("train", "gallery", "query")] == [8, 9, 3]
+    assert [(r.pid, r.label) for r in parts["train"]] == [(2, 0)] * 3 + [(7, 1)] * 2 + [(10, 2)] * 3
+    assert Counter(r.pid for r in parts["gallery"]) == {1: 2, 3: 5, 0: 1, -1: 1}
+    assert all(r.label == -1 for r in parts["gallery"] + parts["query"])
+    assert caplog.text.count("ignored 1 non-image files") == 3
+    assert "1 query identities have no gallery image" in caplog.text
+
+
+def test_junk_and_distractors_leave_training(tmp_path: Path):
+    extra = {"bounding_box_train": ["-1_c1s1_000001_01.jpg", "0000_c2s1_000002_01.jpg"]}
+    root = make_market_tree(tmp_path / "m", extra)
+    train = load_market(root)["train"]
+    assert sorted({r.pid for r in train}) == [2, 7, 10]
+    assert sorted({r.label for r in train}) == [0, 1, 2]
+
+
+def test_root_may_be_the_download_folder_holding_market_child(tmp_path: Path):
+    child = make_market_tree(tmp_path / "download" / datasets.MARKET_CHILD)
+    assert find_market_root(tmp_path / "download") == child
+
+
+def test_missing_folder_is_named_with_what_was_found(market_tree: Path):
+    (market_tree / "query").rename(market_tree / "queries")
+    with pytest.raises(UserError, match=r"expected Market-1501 folders .*query.*found \['bounding_box_test', "
+                       r"'bounding_box_train', 'queries'\]"):
+        find_market_root(market_tree)
+
+
+def test_missing_dataset_folder(tmp_path: Path):
+    with pytest.raises(UserError, match="nowhere: dataset folder not found"):
+        find_market_root(tmp_path / "nowhere")
+
+
+def test_folder_without_images_is_an_error(market_tree: Path):
+    for path in (market_tree / "query").glob("*.jpg"):
+        path.unlink()
+    with pytest.raises(UserError, match=r"query: no images found"):
+        load_market(market_tree)
+
+
+def test_bad_names_are_listed(tmp_path: Path):
+    root = make_market_tree(tmp_path / "m", {"bounding_box_test": ["img_001.jpg", "12_c1s1_000001_01.jpg"]})
+    with pytest.raises(UserError, match=r"bounding_box_test: 2 image names do not follow .*'12_c1s1_000001_01.jpg', "
+                       r"'img_001.jpg'"):
+        load_market(root)
+
+
+SMALL = SyntheticConfig(train_ids=4, test_ids=3, cameras=3, images_per_camera=2, height=32, width=16,
+                        distractors=5, junk=2, seed=3)
+
+
+def test_synthetic_set_follows_market_naming_and_counts(tmp_path: Path):
+    counts = write_synthetic(tmp_path, SMALL, progress=False)
+    parts = load_market(tmp_path)
+    assert counts == {"train": len(parts["train"]), "gallery": len(parts["gallery"]), "query": len(parts["query"])}
+    train_pids = {r.pid for r in parts["train"]}
+    test_pids = {r.pid for r in parts["query"]}
+    assert len(train_pids) == 4 and len(test_pids) == 3 and not train_pids & test_pids
+    gallery_pids = Counter(r.pid for r in parts["gallery"])
+    assert gallery_pids[0] == 5 and gallery_pids[-1] == 2
+    # Every test identity has one query per camera it appears in and two gallery images per such camera.
+    for pid in test_pids:
+        query_cams = sorted(r.camid for r in parts["query"] if r.pid == pid)
+        gallery_cams = Counter(r.camid for r in parts["gallery"] if r.pid == pid)
+        assert len(query_cams) >= 2 and gallery_cams == {c: 2 for c in query_cams}
+    with Image.open(parts["train"][0].path) as img:
+        assert img.size == (16, 32)
+
+
+
+def test_synthetic_set_is_deterministic_for_a_seed(tmp_path: Path):
+    write_synthetic(tmp_path / "a", SMALL, progress=False)
+    write_synthetic(tmp_path / "b", SMALL, progress=False)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.jpg"))
+    assert files_a == files_b
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+
+
+def test_pk_batches_hold_p_distinct_identities_of_k_images():
+    labels = [0] * 6 + [1] * 5 + [2] * 1 + [3] * 4 + [4] * 4
+    sampler = PKSampler(labels, p=3, k=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2  # ceil(20 / 12)
+    for batch in batches:
+        assert len(batch) == 12
+        batch_labels = [labels[i] for i in batch]
+        assert sorted(Counter(batch_labels).values()) == [4, 4, 4]
+    # Identity 2 has a single image: when drawn, that image is repeated K times.
+    assert all(batch.count(11) in (0, 4) for batch in batches)
+
+
+def test_pk_sampler_is_reproducible_per_epoch():
+    labels = np.repeat(np.arange(10), 4).tolist()
+    sampler = PKSampler(labels, p=4, k=2, seed=5)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    sampler.set_epoch(4)
+    other = list(sampler)
+    sampler.set_epoch(3)
+    assert list(sampler) == first and other != first
+
+
+def test_pk_sampler_ranks_split_the_single_process_batch():
+    labels = np.repeat(np.arange(12), 5).tolist()
+    whole = list(PKSampler(labels, p=4, k=3, seed=2))
+    rank0 = list(PKSampler(labels, p=4, k=3, seed=2, rank=0, world_size=2))
+    rank1 = list(PKSampler(labels, p=4, k=3, seed=2, rank=1, world_size=2))
+    assert [a + b for a, b in zip(rank0, rank1, strict=True)] == whole
+
+
+def test_pk_sampler_rejects_more_identities_than_exist():
+    with pytest.raises(UserError, match="--batch-p 5: the training set has only 2 identities"):
+        PKSampler([0, 0, 1, 1], p=5, k=2)
+
+
+def test_transforms_give_normalised_tensors_of_the_asked_size():
+    img = Image.new("RGB", (16, 32), (124, 116, 104))  # about the ImageNet mean
+    torch.manual_seed(0)
+    train = build_transforms((64, 32), train=True, erasing=0.0)(img)
+    test = build_transforms((64, 32), train=False)(img)
+    assert train.shape == test.shape == (3, 64, 32)
+    assert test.abs().max() < 0.05
+
+
+def test_dataset_yields_label_for_training_and_pid_for_evaluation(tmp_path: Path):
+    Image.new("RGB", (16, 32)).save(tmp_path / "0042_c2s1_000001_01.jpg")
+    record = ImageRecord(str(tmp_path / "0042_c2s1_000001_01.jpg"), 42, 2, 7)
+    transform = build_transforms((32, 16), train=False)
+    assert datasets.ReIDDataset([record], transform)[0][1:] == (7, 2, 0)
+    assert datasets.ReIDDataset([record], transform, use_label=False)[0][1:] == (42, 2, 0)

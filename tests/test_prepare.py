@@ -1,0 +1,128 @@
+"""prepare.py: exact split counts on a hand-made tree, idempotence, safety of the user's images, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_market_tree
+
+import prepare
+from datasets import load_eval_records, load_manifest, load_train_records
+from utils import UserError
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_split_counts_on_the_hand_made_tree(market_tree: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1", "--seed", "0"])
+    train, num_classes = load_train_records(out)
+    val_query, val_gallery = load_eval_records(out, "val")
+    held_out = {r.pid for r in val_query}
+    # One of ids 2 (cameras 1,2,3), 7 (1,2), 10 (1,4,4) is held out; the other two train, relabelled 0 and 1.
+    assert num_classes == 2 and len(held_out) == 1 and {r.pid for r in val_gallery} == held_out
+    images_per_id = {2: 3, 7: 2, 10: 3}
+    cameras_per_id = {2: 3, 7: 2, 10: 2}
+    (pid,) = held_out
+    assert len(val_query) == cameras_per_id[pid] and len({r.camid for r in val_query}) == len(val_query)
+    assert len(val_query) + len(val_gallery) == images_per_id[pid]
+    assert len(train) == 8 - images_per_id[pid] and sorted({r.label for r in train}) == [0, 1]
+    query, gallery = load_eval_records(out, "test")
+    assert (len(query), len(gallery)) == (3, 9)
+    # The seed split of bounding_box_test without junk/distractors: id 1 has 2 images -> 1 test, 1 val (left out);
+    # id 3 has 5 images -> round(3.0) = 3 test, 2 val.
+    seed_test, _ = load_eval_records(out, "seed_test")
+    seed_val, seed_val_gallery = load_eval_records(out, "seed_val")
+    assert Counter(r.pid for r in seed_test) == {1: 1, 3: 3}
+    assert Counter(r.pid for r in seed_val) == {3: 2} and seed_val == seed_val_gallery
+    assert load_manifest(out, "seed_val")["left_out_ids"] == [1]
+
+
+def test_prepare_links_and_never_touches_the_users_images(market_tree: Path, tmp_path: Path):
+    before = snapshot(market_tree)
+    out = tmp_path / "prepared"
+    prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1"])
+    linked = out / "bounding_box_train" / "0002_c1s1_000451_03.jpg"
+    assert linked.is_symlink() and Path(os.readlink(linked)) == (market_tree / linked.relative_to(out)).resolve()
+    assert snapshot(market_tree) == before
+
+
+def test_prepare_twice_gives_the_same_result(market_tree: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    args = ["--data", str(market_tree), "--out", str(out), "--val-ids", "1", "--seed", "4"]
+    prepare.main(args)
+    first = {p: b for p, b in snapshot(out).items() if p.endswith(".json")}
+    prepare.main(args)
+    assert {p: b for p, b in snapshot(out).items() if p.endswith(".json")} == first
+
+
+def test_copy_mode_copies_the_bytes(market_tree: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1", "--copy"])
+    copied = out / "query" / "0003_c2s1_005100_01.jpg"
+    assert not copied.is_symlink() and copied.read_bytes() == (market_tree / "query" / copied.name).read_bytes()
+
+
+def test_a_different_existing_file_in_out_is_not_overwritten(market_tree: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    (out / "query").mkdir(parents=True)
+    (out / "query" / "0001_c3s1_005000_01.jpg").write_bytes(b"mine")
+    with pytest.raises(UserError, match=r"0001_c3s1_005000_01.jpg: already exists and is not"):
+        prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1"])
+    assert (out / "query" / "0001_c3s1_005000_01.jpg").read_bytes() == b"mine"
+
+
+def test_out_inside_the_raw_folder_is_refused(market_tree: Path):
+    with pytest.raises(UserError, match="must not be the raw dataset folder"):
+        prepare.main(["--data", str(market_tree), "--out", str(market_tree / "query" / "prepared"), "--val-ids", "1"])
+
+
+def test_too_many_validation_ids_is_a_clear_error(market_tree: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="--val-ids 2: the training set has 3 identities"):
+        prepare.main(["--data", str(market_tree), "--out", str(tmp_path / "p"), "--val-ids", "2"])
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path: Path):
+    result = run_prepare("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "p"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: dataset folder not found"
+
+
+def test_underscore_flag_spelling_is_accepted(market_tree: Path, tmp_path: Path):
+    prepare.main(["--data", str(market_tree), "--out", str(tmp_path / "p"), "--val_ids", "1", "--test_share=0.5"])
+    assert json.loads((tmp_path / "p" / "prepare.json").read_text())["test_share"] == 0.5
+
+
+def test_synthetic_folder_is_reused_or_refused(tmp_path: Path):
+    small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height", "16",
+             "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
+    prepare.main(["--synthetic", str(tmp_path / "s"), *small])
+    before = snapshot(tmp_path / "s")
+    prepare.main(["--synthetic", str(tmp_path / "s"), *small])
+    assert snapshot(tmp_path / "s") == before
+    with pytest.raises(UserError, match="holds a synthetic set with other settings"):
+        prepare.main(["--synthetic", str(tmp_path / "s"), *small, "--seed", "1"])
+    make_market_tree(tmp_path / "users")
+    with pytest.raises(UserError, match="users: not empty"):
+        prepare.main(["--synthetic", str(tmp_path / "users"), *small])
+
+
+def test_synthetic_prepared_fixture_has_every_split(synthetic_prepared: Path):
+    train, num_classes = load_train_records(synthetic_prepared)
+    assert num_classes == 8 and sorted({r.label for r in train}) == list(range(8))
+    for split in ("val", "test", "seed_test", "seed_val"):
+        query, gallery = load_eval_records(synthetic_prepared, split)
+        assert query and gallery and all(Path(r.path).exists() for r in query + gallery)
