@@ -482,16 +482,24 @@ class ReIDDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
         target = record.label if self.use_label else record.pid
-        return self.transform(load_image(record.path)), target, record.camid, index
+        image = load_image(record.path)
+        if sample_seed is not None:
+            # Augmentation drawn from the sample's own seed: the same batch gets the same pixels whichever worker
+            # loads it, and a resumed epoch repeats the interrupted one exactly.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.transform(image), target, record.camid, index
+        return self.transform(image), target, record.camid, index
 
 
 class PKSampler(Sampler[list[int]]):
     """Batches of P identities × K images; identities with fewer than K images are sampled with replacement.
 
-    An epoch has ceil(images / (P·K)) batches. Identities cycle through seeded permutations so each is seen
+    Each item is (index, augmentation seed). An epoch has ceil(images / (P·K)) batches. Identities cycle through seeded permutations so each is seen
     about equally often. With `world_size` > 1 every rank draws the same global batches and keeps its share of
     the P identities, so the ranks together see exactly the single-process batch.
     """
@@ -507,20 +515,20 @@ class PKSampler(Sampler[list[int]]):
             raise UserError(f"--batch-p {p} must be divisible by the number of processes ({world_size})")
         self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
         self.num_batches = math.ceil(len(labels) / (p * k))
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch, so every epoch (and a resumed one) draws its own reproducible batches."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch (each draws its own reproducible batches) and the batch to start from on resume."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches - self.start_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         queue: list[int] = []
         share = self.p // self.world_size
-        for _ in range(self.num_batches):
+        for step in range(self.num_batches):
             while len(queue) < self.p:
                 queue.extend(rng.permutation(self.labels).tolist())
             chosen, queue = queue[: self.p], queue[self.p:]
@@ -530,7 +538,10 @@ class PKSampler(Sampler[list[int]]):
             for label in chosen:
                 pool = self.index_by_label[label]
                 batch.append(rng.choice(pool, size=self.k, replace=len(pool) < self.k).tolist())
-            yield [i for ids in batch[self.rank * share:(self.rank + 1) * share] for i in ids]
+            seeds = rng.integers(0, 2**62, size=(self.p, self.k)).tolist()
+            if step >= self.start_batch:
+                mine = range(self.rank * share, (self.rank + 1) * share)
+                yield [(i, seed) for j in mine for i, seed in zip(batch[j], seeds[j], strict=True)]
 
 
 def train_loader(records: Sequence[ImageRecord], transform: T.Compose, sampler: PKSampler, workers: int) -> DataLoader:

@@ -73,3 +73,174 @@ def normalise_flag_spelling(argv: list[str]) -> list[str]:
             arg = name.replace("_", "-") + eq + value
         out.append(arg)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds and devices
+# ---------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally make torch choose deterministic kernels."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str):
+    """`auto` picks CUDA when present; otherwise the named device, checked to exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name}: not a device name (expected auto, cpu, cuda or cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: one state dict a part, and the full training state
+# ---------------------------------------------------------------------------------------------------------
+
+PART_FILES = {"backbone": "backbone.pt", "ae": "ae.pt", "classifier": "classifier.pt"}
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename, so a crash never leaves half a file."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_torch(path: str | Path) -> Any:
+    """torch.load with weights_only=True, naming the file when it cannot be read."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from err
+
+
+def part_file(path: str | Path, part: str, flag: str) -> Path:
+    """The state-dict file of a part: `path` itself, or the part's file inside the folder `path`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PART_FILES[part]
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no {part} weights there (expected a file or a folder with {PART_FILES[part]})")
+    return path
+
+
+def save_parts(parts: dict, folder: str | Path) -> None:
+    """Write each part's state dict to its own file in `folder`."""
+    for part, module in parts.items():
+        save_torch(module.state_dict(), Path(folder) / PART_FILES[part])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and metrics records
+# ---------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import platform
+
+    import numpy
+    import torch
+    import torchvision
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    try:
+        import timm
+
+        found["timm"] = timm.__version__
+    except ImportError:
+        found["timm"] = "not installed"
+    return found
+
+
+def config_record(args: Any, **extra: Any) -> dict:
+    """Every flag, the library versions and anything else worth keeping beside a result."""
+    return {"flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "versions": versions(), **extra}
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Rewrite a JSON-lines file atomically from all its rows (so a resumed run never duplicates lines)."""
+    atomic_write_bytes(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
+
+
+class AverageMeter:
+    """Running mean of a scalar."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.total += value * n
+        self.count += n
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_curves(rows: list[dict], keys: list[str], path: str | Path, title: str, xlabel: str = "epoch") -> None:
+    """One panel a key, each a curve over the rows' `epoch`; written atomically as PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in row for row in rows)]
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        points = [(row["epoch"], row[key]) for row in rows if key in row]
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

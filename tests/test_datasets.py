@@ -124,10 +124,20 @@ def test_pk_batches_hold_p_distinct_identities_of_k_images():
     assert len(batches) == len(sampler) == 2  # ceil(20 / 12)
     for batch in batches:
         assert len(batch) == 12
-        batch_labels = [labels[i] for i in batch]
+        batch_labels = [labels[i] for i, _ in batch]
         assert sorted(Counter(batch_labels).values()) == [4, 4, 4]
-    # Identity 2 has a single image: when drawn, that image is repeated K times.
-    assert all(batch.count(11) in (0, 4) for batch in batches)
+    # Identity 2 has a single image: when drawn, that image is repeated K times, each with its own seed.
+    assert all([i for i, _ in batch].count(11) in (0, 4) for batch in batches)
+    assert all(len({seed for _, seed in batch}) == 12 for batch in batches)
+
+
+def test_pk_sampler_resumes_mid_epoch_with_the_same_batches():
+    labels = np.repeat(np.arange(10), 4).tolist()
+    sampler = PKSampler(labels, p=2, k=2, seed=5)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start_batch=3)
+    assert len(sampler) == len(whole) - 3 and list(sampler) == whole[3:]
 
 
 def test_pk_sampler_is_reproducible_per_epoch():
@@ -169,3 +179,12 @@ def test_dataset_yields_label_for_training_and_pid_for_evaluation(tmp_path: Path
     transform = build_transforms((32, 16), train=False)
     assert datasets.ReIDDataset([record], transform)[0][1:] == (7, 2, 0)
     assert datasets.ReIDDataset([record], transform, use_label=False)[0][1:] == (42, 2, 0)
+
+
+def test_seeded_items_repeat_their_augmentation(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(tmp_path / "0042_c2s1_000001_01.jpg")
+    dataset = datasets.ReIDDataset([ImageRecord(str(tmp_path / "0042_c2s1_000001_01.jpg"), 42, 2, 0)],
+                                   build_transforms((32, 16), train=True))
+    first, again, other = dataset[(0, 7)][0], dataset[(0, 7)][0], dataset[(0, 8)][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)

@@ -1,0 +1,433 @@
+"""Train a Siamese + autoencoder re-ID model on a prepared root with a weighted sum of losses.
+
+Single process: python train.py --data data/prepared --backbone-name resnet50 --ae-name vae --result-dir runs/r50
+Several GPUs:   torchrun --nproc_per_node=N train.py ...   (DistributedDataParallel; rank 0 writes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import eval as evaluation
+import torch
+import torch.distributed as dist
+from losses import LossWeights, total_loss
+from model import AE_NAMES, ReIDModel, load_part_state
+from torch import nn
+from tqdm import tqdm
+
+from datasets import PKSampler, build_transforms, eval_loader, load_eval_records, load_train_records, train_loader
+from utils import (
+    CHECKPOINT_FILE,
+    LOG,
+    AverageMeter,
+    UserError,
+    config_record,
+    load_torch,
+    normalise_flag_spelling,
+    part_file,
+    plot_curves,
+    resolve_device,
+    save_parts,
+    save_torch,
+    seed_everything,
+    setup_logging,
+    sha256_file,
+    write_json,
+    write_jsonl,
+)
+
+LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
+# Flags that fix the model's shape or the data; a resumed run must keep them.
+RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "batch_p", "batch_k",
+                 "seed", "epochs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of train.py: the seed's names, and the rest of DESIGN's."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data", type=Path, default=Path("data/prepared"), help="prepared root written by prepare.py")
+    add("--result-dir", type=Path, default=None, help="where results go (default runs/<backbone>_<ae>)")
+    add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
+        "timm:<name>")
+    add("--ae-name", default="vae", help=f"autoencoder: {', '.join(AE_NAMES)}")
+    add("--latent-dim", type=int, default=512, help="embedding size (ignored by --ae-name none)")
+    add("--pretrained", default=None, help="'imagenet' for torchvision/timm weights, or a local state-dict file")
+    add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
+    add("--pre-backbone", type=Path, help="backbone weights: a file or a result directory")
+    add("--pre-ae", type=Path, help="autoencoder weights: a file or a result directory")
+    add("--pre-classifier", type=Path, help="classifier and Siamese head weights: a file or a result directory")
+    add("--lr", type=float, default=3.5e-4, help="learning rate of backbone and autoencoder")
+    add("--lr-classifier", type=float, default=3.5e-4, help="learning rate of classifier and Siamese head")
+    add("--weight-decay", type=float, default=5e-4)
+    add("--scheduler", choices=("cosine", "step"), default="cosine")
+    add("--milestones", type=float, nargs="*", default=[0.5, 0.8], help="step decay ×0.1 at these shares of training")
+    add("--warmup-epochs", type=float, default=2.0, help="linear warm-up from 10%% of the learning rate")
+    add("--epochs", type=int, default=30)
+    add("--max-steps", type=int, default=None, help="stop after this many steps in all (a checkpoint is kept)")
+    add("--batch-p", type=int, default=16, help="identities a batch")
+    add("--batch-k", type=int, default=4, help="images an identity in a batch")
+    add("--img-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
+    add("--erasing", type=float, default=0.5, help="random-erasing probability")
+    add("--lighting", action="store_true", help="add brightness/contrast/colour jitter")
+    add("--triplet", type=float, default=1.0, help="weight of the batch-hard triplet loss")
+    add("--id", type=float, default=1.0, help="weight of the identity cross-entropy")
+    add("--kl", type=float, default=1e-3, help="weight of the KL divergence (vae only)")
+    add("--reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
+    add("--sparsity", type=float, default=None, help="weight of the sparsity loss (default 1e-3 for sae, else 0)")
+    add("--bce", type=float, default=1.0, help="weight of the Siamese binary cross-entropy")
+    add("--margin", type=float, default=0.3, help="triplet margin (0: soft margin)")
+    add("--label-smoothing", type=float, default=0.1)
+    add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
+    add("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
+    add("--device", default="auto")
+    add("--workers", type=int, default=2, help="data-loading processes")
+    add("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    add("--eval-batch", type=int, default=128)
+    add("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
+    add("--resume", action="store_true", help="continue the run in --result-dir from checkpoint.pt")
+    add("--seed", type=int, default=0)
+    add("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; `--flag_name` and `--flag-name` are the same flag."""
+    parser = build_parser()
+    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.sparsity is None:
+        args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
+    if args.result_dir is None:
+        args.result_dir = Path("runs") / f"{args.backbone_name.replace(':', '_')}_{args.ae_name}"
+    for name in ("lr", "lr_classifier", "epochs", "batch_p", "batch_k", "latent_dim"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    for name in LOSS_TERMS:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} {getattr(args, name)}: a loss weight cannot be negative")
+    if not any(getattr(args, name) > 0 for name in LOSS_TERMS):
+        parser.error("every loss weight is 0: nothing to train")
+    if args.ae_name not in AE_NAMES:
+        parser.error(f"--ae-name {args.ae_name}: expected one of {', '.join(AE_NAMES)}")
+    return args
+
+
+def loss_weights(args: argparse.Namespace) -> LossWeights:
+    """The weight flags as a LossWeights."""
+    return LossWeights(**{name: getattr(args, name) for name in LOSS_TERMS})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_pretrained_parts(model: ReIDModel, args: argparse.Namespace) -> None:
+    """Load --pre-backbone, --pre-ae and --pre-classifier (a file or a result directory) into their parts."""
+    parts = model.parts()
+    for part, flag in (("backbone", "--pre-backbone"), ("ae", "--pre-ae"), ("classifier", "--pre-classifier")):
+        source = getattr(args, flag[2:].replace("-", "_"))
+        if source is not None:
+            path = part_file(source, part, flag)
+            try:
+                load_part_state(parts[part], load_torch(path), part)
+            except (RuntimeError, ValueError) as err:
+                raise UserError(f"{flag} {path}: {err}") from err
+            LOG.info("loaded %s from %s", part, path)
+
+
+def build_optimizer(model: ReIDModel, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Adam with two groups: backbone and autoencoder at --lr, classifier and Siamese head at --lr-classifier."""
+    parts = model.parts()
+    features = [p for name in ("backbone", "ae") for p in parts[name].parameters() if p.requires_grad]
+    heads = [p for p in parts["classifier"].parameters() if p.requires_grad]
+    groups = [{"params": features, "lr": args.lr, "name": "lr"},
+              {"params": heads, "lr": args.lr_classifier, "name": "lr_classifier"}]
+    return torch.optim.Adam(groups, weight_decay=args.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestones: Sequence[float]) -> float:
+    """Learning-rate multiplier at a step: linear warm-up from 0.1, then cosine to 0.01 or ×0.1 steps."""
+    if step < warmup_steps:
+        return 0.1 + 0.9 * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "cosine":
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.1 ** sum(step >= m * total_steps for m in milestones)
+
+
+class TrainStep(nn.Module):
+    """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use."""
+
+    def __init__(self, model: ReIDModel, weights: LossWeights, args: argparse.Namespace):
+        super().__init__()
+        self.model, self.weights = model, weights
+        self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
+                        "sparsity_target": args.sparsity_target}
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = self.model(images)
+        return total_loss(outputs, labels, self.weights, self.model, **self.options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation, checkpoints, records
+# ---------------------------------------------------------------------------------------------------------
+
+
+def validate(model: ReIDModel, loader, num_query: int, device: torch.device) -> dict[str, float]:
+    """mAP, mINP and Rank-1/5 on the validation split, by eval.py's protocol code."""
+    features, pids, camids = evaluation.extract_features(model, loader, device, progress=False)
+    distances = evaluation.pairwise_distance(features[:num_query], features[num_query:]).numpy()
+    result = evaluation.evaluate_rank(distances, pids[:num_query], pids[num_query:], camids[:num_query],
+                                      camids[num_query:])
+    return {"val_mAP": float(result["mAP"]), "val_mINP": float(result["mINP"]),
+            "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
+
+
+def checkpoint_state(model, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best) -> dict:
+    """Everything needed to continue training exactly where it stands."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "batch": batch, "step": step, "history": history, "best": best,
+            "flags": {k: str(getattr(args, k)) for k in RESUME_LOCKED},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, args) -> dict:
+    """Load a checkpoint into model, optimiser and scheduler; refuse one made with other model or data flags."""
+    state = load_torch(path)
+    changed = [k for k in RESUME_LOCKED if state["flags"].get(k) != str(getattr(args, k))]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} was {state['flags'].get(k)}" for k in changed)
+        raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state
+
+
+def parameter_checksum(model: nn.Module) -> float:
+    """A float summary of every parameter, to check that replicas agree."""
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def manifest_hashes(prepared: Path) -> dict[str, str]:
+    """SHA-256 of the manifests a run trains and validates on."""
+    return {split: sha256_file(prepared / "splits" / f"{split}.json") for split in ("train", "val")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a request to checkpoint after the current step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train as the flags say; return the run's summary (also written to summary.json)."""
+    rank, world, local_rank = distributed_context()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    device = resolve_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    seed_everything(args.seed, args.deterministic)
+    result_dir, writer = Path(args.result_dir), rank == 0
+    checkpoint_path = result_dir / CHECKPOINT_FILE
+    if checkpoint_path.exists() and not args.resume:
+        raise UserError(f"--result-dir {result_dir}: holds a run already; pass --resume to continue it "
+                        "or choose another --result-dir")
+    if args.resume and not checkpoint_path.exists():
+        raise UserError(f"--resume: no {CHECKPOINT_FILE} in {result_dir} to continue from")
+
+    records, num_classes = load_train_records(args.data)
+    val_query, val_gallery = load_eval_records(args.data, "val")
+    img_size = tuple(args.img_size)
+    model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
+                      pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size)
+    load_pretrained_parts(model, args)
+    use_amp = args.amp and device.type == "cuda"
+    if args.amp and not use_amp:
+        LOG.info("--amp needs CUDA; training in float32 on %s", device)
+    model.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
+
+    sampler = PKSampler([r.label for r in records], args.batch_p, args.batch_k, seed=args.seed, rank=rank,
+                        world_size=world)
+    loader = train_loader(records, build_transforms(img_size, True, args.lighting, args.erasing), sampler, args.workers)
+    val_records = val_query + val_gallery
+    val_loader = eval_loader(val_records, build_transforms(img_size, False), args.eval_batch, args.workers)
+    steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
+    optimizer = build_optimizer(model, args)
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
+    weights = loss_weights(args)
+    step_module: nn.Module = TrainStep(model, weights, args)
+    if world > 1:
+        unused = any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+
+    history: list[dict] = []
+    best = {"epoch": 0, "val_mAP": -1.0}
+    start_epoch, start_batch, step = 1, 0, 0
+    if args.resume:
+        state = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, args)
+        start_epoch, start_batch, step, history, best = (state["epoch"], state["batch"], state["step"],
+                                                         state["history"], state["best"])
+        LOG.info("resumed %s at epoch %d, batch %d (step %d)", result_dir, start_epoch, start_batch, step)
+    if writer:
+        result_dir.mkdir(parents=True, exist_ok=True)
+        write_json(result_dir / "config.json", config_record(
+            args, num_classes=num_classes, train_images=len(records), world_size=world, device=str(device),
+            manifests=manifest_hashes(Path(args.data)), loss_weights=vars(weights),
+            parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
+            feat_dim=model.feat_dim, embed_dim=model.embed_dim))
+        LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",
+                 args.backbone_name, args.ae_name, num_classes, len(records), steps_per_epoch, device, world,
+                 result_dir / "config.json")
+        if not args.resume and val_query:
+            model.eval()
+            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device)})
+            LOG.info("untrained: val mAP %.4f Rank-1 %.4f", history[0]["val_mAP"], history[0]["val_rank1"])
+
+    def save_checkpoint(epoch: int, batch: int) -> None:
+        if writer:
+            save_torch(checkpoint_state(model, optimizer, scheduler, args, epoch, batch, step, history, best),
+                       checkpoint_path)
+
+    started = time.time()
+    images_seen = 0
+    stop = StopRequest()
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            model.train()
+            meters = {name: AverageMeter() for name in ("loss", *LOSS_TERMS)}
+            bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not writer,
+                       initial=steps_per_epoch - len(sampler), total=steps_per_epoch, leave=False)
+            batch_index = steps_per_epoch - len(sampler)
+            for images, labels, _, _ in bar:
+                images = images.to(device, non_blocking=True)
+                if use_amp:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    total, terms = step_module(images, labels)
+                bad = [name for name, value in {"loss": total, **terms}.items() if not torch.isfinite(value)]
+                if bad:
+                    save_checkpoint(epoch, batch_index)
+                    name = next((n for n in bad if n != "loss"), "loss")
+                    value = float({"loss": total, **terms}[name])
+                    raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
+                                    f"'{name}' = {value}; the last good state is in {checkpoint_path}")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
+                meters["loss"].update(float(total), images.shape[0])
+                for name, value in terms.items():
+                    meters[name].update(float(value), images.shape[0])
+                bar.set_postfix(loss=f"{meters['loss'].mean:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if stop.requested or (args.max_steps is not None and step >= args.max_steps):
+                    save_checkpoint(epoch, batch_index)
+                    LOG.info("stopped at step %d (epoch %d, batch %d); --resume continues", step, epoch, batch_index)
+                    return {"stopped_at_step": step}
+                if args.checkpoint_every and step % args.checkpoint_every == 0 and batch_index < steps_per_epoch:
+                    save_checkpoint(epoch, batch_index)
+            bar.close()
+            row = {"epoch": epoch, "step": step, **{n: m.mean for n, m in meters.items() if m.count},
+                   **{group["name"]: group["lr"] for group in optimizer.param_groups},
+                   "images_per_s": images_seen / max(time.time() - started, 1e-9)}
+            if writer and val_query and (epoch % args.eval_every == 0 or epoch == args.epochs):
+                model.eval()
+                row.update(validate(model, val_loader, len(val_query), device))
+            history.append(row)
+            if writer:
+                if not val_query or row.get("val_mAP", -1.0) > best["val_mAP"]:  # without validation, keep the last
+                    best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
+                    save_parts(model.parts(), result_dir)
+                write_jsonl(result_dir / "metrics.jsonl", history)
+                plot_curves(history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], result_dir / "losses.png",
+                            f"{args.backbone_name} + {args.ae_name}")
+                LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "
+                         f"{row['val_rank1']:.4f}" if "val_mAP" in row else "")
+            save_checkpoint(epoch + 1, 0)
+    finally:
+        stop.restore()
+    return finish(model, history, best, result_dir, started, images_seen, world, writer)
+
+
+def finish(model, history, best, result_dir: Path, started: float, images_seen: int, world: int, writer: bool) -> dict:
+    """Write summary.json (in a distributed run, with every rank's parameter checksum) and return it."""
+    summary = {"best_epoch": best["epoch"], "best_val_mAP": best["val_mAP"], "best_val_rank1": best.get("val_rank1"),
+               "untrained_val_mAP": history[0].get("val_mAP") if history and history[0]["epoch"] == 0 else None,
+               "seconds": time.time() - started, "images_per_s": images_seen / max(time.time() - started, 1e-9)}
+    if world > 1:
+        checksums = [None] * world
+        dist.all_gather_object(checksums, parameter_checksum(model))
+        summary["rank_checksums"] = checksums
+    if writer:
+        write_json(result_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    summary = train(args)
+    if "best_val_mAP" in summary and summary["best_val_mAP"] >= 0:
+        LOG.info("best validation mAP %.4f Rank-1 %.4f at epoch %d (untrained mAP %s); results in %s",
+                 summary["best_val_mAP"], summary["best_val_rank1"], summary["best_epoch"],
+                 f"{summary['untrained_val_mAP']:.4f}" if summary["untrained_val_mAP"] is not None else "n/a",
+                 args.result_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
