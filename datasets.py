@@ -499,9 +499,10 @@ class ReIDDataset(Dataset):
 class PKSampler(Sampler[list[int]]):
     """Batches of P identities × K images; identities with fewer than K images are sampled with replacement.
 
-    Each item is (index, augmentation seed). An epoch has ceil(images / (P·K)) batches. Identities cycle through seeded permutations so each is seen
-    about equally often. With `world_size` > 1 every rank draws the same global batches and keeps its share of
-    the P identities, so the ranks together see exactly the single-process batch.
+    Each item is (index, augmentation seed). An epoch has ceil(images / (P·K)) batches. Identities cycle
+    through seeded permutations so each is seen about equally often. With `world_size` > 1 every rank draws
+    the same global batches and keeps its share of the P identities, so the ranks together see exactly the
+    single-process batch.
     """
 
     def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -546,11 +547,13 @@ class PKSampler(Sampler[list[int]]):
 
 def train_loader(records: Sequence[ImageRecord], transform: T.Compose, sampler: PKSampler, workers: int) -> DataLoader:
     """A loader of P×K training batches."""
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run would diverge.
     return DataLoader(ReIDDataset(records, transform), batch_sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(sampler.seed))
 
 
 def eval_loader(records: Sequence[ImageRecord], transform: T.Compose, batch_size: int, workers: int) -> DataLoader:
     """A loader over evaluation images in their given order, targets being person ids."""
     return DataLoader(ReIDDataset(records, transform, use_label=False), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())

@@ -16,15 +16,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import eval as evaluation
 import torch
 import torch.distributed as dist
-from losses import LossWeights, total_loss
-from model import AE_NAMES, ReIDModel, load_part_state
 from torch import nn
 from tqdm import tqdm
 
+import eval as evaluation
 from datasets import PKSampler, build_transforms, eval_loader, load_eval_records, load_train_records, train_loader
+from losses import LossWeights, total_loss
+from model import AE_NAMES, ReIDModel, load_part_state
 from utils import (
     CHECKPOINT_FILE,
     LOG,
@@ -195,10 +195,12 @@ def validate(model: ReIDModel, loader, num_query: int, device: torch.device) -> 
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 
 
-def checkpoint_state(model, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best) -> dict:
-    """Everything needed to continue training exactly where it stands."""
+def checkpoint_state(model, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best,
+                     meters: dict[str, AverageMeter]) -> dict:
+    """Everything needed to continue training exactly where it stands, the epoch's running means included."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "batch": batch, "step": step, "history": history, "best": best,
+            "meters": {name: [m.total, m.count] for name, m in meters.items()},
             "flags": {k: str(getattr(args, k)) for k in RESUME_LOCKED},
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -309,6 +311,7 @@ def train(args: argparse.Namespace) -> dict:
     history: list[dict] = []
     best = {"epoch": 0, "val_mAP": -1.0}
     start_epoch, start_batch, step = 1, 0, 0
+    meters: dict[str, AverageMeter] = {}
     if args.resume:
         state = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, args)
         start_epoch, start_batch, step, history, best = (state["epoch"], state["batch"], state["step"],
@@ -331,8 +334,8 @@ def train(args: argparse.Namespace) -> dict:
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if writer:
-            save_torch(checkpoint_state(model, optimizer, scheduler, args, epoch, batch, step, history, best),
-                       checkpoint_path)
+            save_torch(checkpoint_state(model, optimizer, scheduler, args, epoch, batch, step, history, best,
+                                        meters if batch else {}), checkpoint_path)
 
     started = time.time()
     images_seen = 0
@@ -342,6 +345,9 @@ def train(args: argparse.Namespace) -> dict:
             sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
             model.train()
             meters = {name: AverageMeter() for name in ("loss", *LOSS_TERMS)}
+            if args.resume and epoch == start_epoch:
+                for name, (total_value, count) in state["meters"].items():
+                    meters[name].total, meters[name].count = total_value, count
             bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not writer,
                        initial=steps_per_epoch - len(sampler), total=steps_per_epoch, leave=False)
             batch_index = steps_per_epoch - len(sampler)
@@ -356,7 +362,7 @@ def train(args: argparse.Namespace) -> dict:
                 if bad:
                     save_checkpoint(epoch, batch_index)
                     name = next((n for n in bad if n != "loss"), "loss")
-                    value = float({"loss": total, **terms}[name])
+                    value = float({"loss": total, **terms}[name].detach())
                     raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
                                     f"'{name}' = {value}; the last good state is in {checkpoint_path}")
                 optimizer.zero_grad(set_to_none=True)
@@ -364,9 +370,9 @@ def train(args: argparse.Namespace) -> dict:
                 optimizer.step()
                 scheduler.step()
                 step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
-                meters["loss"].update(float(total), images.shape[0])
+                meters["loss"].update(float(total.detach()), images.shape[0])
                 for name, value in terms.items():
-                    meters[name].update(float(value), images.shape[0])
+                    meters[name].update(float(value.detach()), images.shape[0])
                 bar.set_postfix(loss=f"{meters['loss'].mean:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if stop.requested or (args.max_steps is not None and step >= args.max_steps):
                     save_checkpoint(epoch, batch_index)

@@ -1,0 +1,382 @@
+"""The re-ID network: backbone → autoencoder → identity classifier and Siamese head, tied in ReIDModel."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from utils import UserError, load_torch
+
+
+class PretrainedWeightsError(UserError, RuntimeError):
+    """ImageNet weights were asked for but could not be fetched."""
+
+
+class WeightsMismatchError(UserError, RuntimeError):
+    """A weights file does not fit the part it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights files
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_LISTED_KEYS = 5
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a file, plain or under a "state_dict"/"model" key; also .safetensors (timm's)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    obj = load_torch(path)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return obj
+
+
+def _listed(keys: list[str]) -> str:
+    more = f", … and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
+    return ", ".join(keys[:MAX_LISTED_KEYS]) + more
+
+
+def load_part_state(module: nn.Module, state: dict[str, Tensor], part: str) -> None:
+    """Load `state` into `module` strictly; a mismatch names the part, the keys and both shapes."""
+    own = module.state_dict()
+    # Files saved before PyTorch 0.4.1 (torchvision's older ImageNet weights) lack BatchNorm's step counters.
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} is {list(state[k].shape)} in the file but {list(own[k].shape)} in the model"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if wrong:
+        problems.append(f"shape mismatch ({len(wrong)}): " + _listed(wrong))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): " + _listed(missing))
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): " + _listed(unexpected))
+    if problems:
+        raise WeightsMismatchError(f"{part} weights do not fit the {part}: " + "; ".join(problems))
+    module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backbones: a library model with its ImageNet classifier replaced by nn.Identity, so it returns the
+# globally pooled feature and its state-dict keys stay the library's (an ImageNet file loads as it is).
+# ---------------------------------------------------------------------------------------------------------
+
+TORCHVISION_DIMS = {
+    "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+    "densenet121": 1024, "densenet161": 2208, "densenet169": 1664, "densenet201": 1920,
+    **{f"vgg{depth}{bn}": 512 for depth in (11, 13, 16, 19) for bn in ("", "_bn")},
+    "swin_t": 768, "swin_s": 768, "swin_b": 1024,
+}
+BACKBONE_NAMES = tuple(TORCHVISION_DIMS)
+TIMM_PREFIX = "timm:"
+# The ImageNet classifier's attribute in each torchvision family.
+HEADS = {"resnet": "fc", "densenet": "classifier", "vgg": "classifier", "swin": "head"}
+# Keys of an ImageNet classifier that a headless backbone drops when loading a library's weights file.
+HEAD_PREFIXES = ("fc.", "classifier.", "head.")
+DENSENET_OLD_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12]\.)")
+
+
+def _fetch_error(name: str, source: str, err: OSError) -> PretrainedWeightsError:
+    return PretrainedWeightsError(
+        f"--pretrained imagenet: could not download the ImageNet weights of backbone {name} ({err}). "
+        f"Fetch them where there is network access ({source}) and pass the file: --pretrained PATH")
+
+
+def _set_last_stride_one(resnet: nn.Module) -> None:
+    # The first block of layer4 is the only place that halves the map; keeping it doubles the map (BoT).
+    for module in resnet.layer4[0].modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+
+
+def _torchvision_backbone(name: str, imagenet: bool, last_stride: int) -> tuple[nn.Module, int]:
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if imagenet else None)
+    except OSError as err:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        raise _fetch_error(name, url, err) from err
+    family = re.match(r"[a-z]+", name).group()
+    if family == "vgg":
+        # Pool the conv features globally; the 7×7 pool and the FC layers are ImageNet-specific.
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+    if family == "resnet" and last_stride == 1:
+        _set_last_stride_one(model)
+    setattr(model, HEADS[family], nn.Identity())
+    return model, TORCHVISION_DIMS[name]
+
+
+def _timm_backbone(name: str, imagenet: bool, img_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r} in {TIMM_PREFIX}{name} (see timm.list_models())")
+    kwargs = {"pretrained": imagenet, "num_classes": 0}
+    try:
+        try:
+            # Swin and ViT fix their grid (and Swin its attention masks) at creation, so they need the size.
+            model = timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            model = timm.create_model(name, **kwargs)
+    except OSError as err:
+        cfg = timm.models.get_pretrained_cfg(name)
+        source = f"{cfg.hf_hub_id} on the Hugging Face Hub" if cfg and cfg.hf_hub_id else "timm's weights"
+        raise _fetch_error(TIMM_PREFIX + name, source, err) from err
+    # Some models (MobileNetV3) add a pre-logits layer after num_features; its width is the output's.
+    return model, getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def _convert_library_file(state: dict[str, Tensor], backbone: nn.Module, name: str) -> dict[str, Tensor]:
+    # What the libraries do to their own files on load. timm: each architecture's checkpoint_filter_fn (by
+    # its modules' convention), which resizes what depends on the input size (Swin's window bias tables,
+    # ViT's position embeddings). torchvision: DenseNet's files predate its names ("norm.1" for "norm1").
+    if name.startswith(TIMM_PREFIX):
+        import sys
+
+        convert = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+        return convert(state, backbone) if convert else state
+    if name.startswith("densenet"):
+        return {DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    return state
+
+
+def load_pretrained_file(backbone: nn.Module, path: str | Path, name: str) -> None:
+    """Load backbone `name` from our backbone.pt or from the library's ImageNet file (classifier dropped)."""
+    state = _convert_library_file(read_state_dict(path), backbone, name)
+    own = backbone.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(HEAD_PREFIXES)}
+    load_part_state(backbone, state, "backbone")
+
+
+def build_backbone(name: str, pretrained: str | Path | None = None, last_stride: int = 1,
+                   img_size: tuple[int, int] = (256, 128)) -> tuple[nn.Module, int]:
+    """A backbone mapping [B, 3, H, W] images to [B, F] pooled features, and F.
+
+    `pretrained`: None (random init), "imagenet", or a weights file. `last_stride` applies to ResNets;
+    `img_size` to timm models that fix their input size at creation.
+    """
+    if last_stride not in (1, 2):
+        raise ValueError(f"last_stride must be 1 or 2, not {last_stride}")
+    imagenet = pretrained == "imagenet"
+    if name.startswith(TIMM_PREFIX):
+        backbone, dim = _timm_backbone(name[len(TIMM_PREFIX):], imagenet, tuple(img_size))
+    elif name in TORCHVISION_DIMS:
+        backbone, dim = _torchvision_backbone(name, imagenet, last_stride)
+    else:
+        raise ValueError(f"unknown backbone {name!r}: expected one of {', '.join(BACKBONE_NAMES)}, "
+                         f"or {TIMM_PREFIX}<name> for any timm model")
+    if pretrained is not None and not imagenet:
+        load_pretrained_file(backbone, pretrained, name)
+    return backbone, dim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autoencoders: feature [B, F] → latent [B, L] → reconstructed feature [B, F]. Each returns the same keys.
+# ---------------------------------------------------------------------------------------------------------
+
+AE_NAMES = ("none", "ae", "vae", "sae", "dae")
+LOGVAR_LIMIT = 10.0
+
+
+def _outputs(z: Tensor, latent: Tensor, recon: Tensor | None, mu: Tensor | None = None,
+             logvar: Tensor | None = None, sparse_code: Tensor | None = None) -> dict[str, Tensor | None]:
+    return {"z": z, "latent": latent, "recon": recon, "mu": mu, "logvar": logvar, "sparse_code": sparse_code}
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+def _hidden_dim(in_dim: int, latent_dim: int) -> int:
+    return max(latent_dim, in_dim // 2)
+
+
+class IdentityAE(nn.Module):
+    """The baseline: the backbone feature is the embedding, nothing is reconstructed."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = in_dim
+
+    def encode(self, feat: Tensor) -> Tensor:
+        return feat
+
+    def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
+        return _outputs(feat, feat, None)
+
+
+class AutoEncoder(nn.Module):
+    """Plain autoencoder: one hidden layer each way."""
+
+    def __init__(self, in_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = _mlp(in_dim, _hidden_dim(in_dim, latent_dim), latent_dim)
+        self.decoder = _mlp(latent_dim, _hidden_dim(in_dim, latent_dim), in_dim)
+
+    def encode(self, feat: Tensor) -> Tensor:
+        return self.encoder(feat)
+
+    def corrupt(self, feat: Tensor) -> Tensor:
+        return feat
+
+    def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
+        z = self.encode(self.corrupt(feat) if self.training else feat)
+        return _outputs(z, z, self.decoder(z))
+
+
+class SparseAE(AutoEncoder):
+    """Sparse autoencoder: the code goes through a sigmoid, so its mean activation is a probability."""
+
+    def encode(self, feat: Tensor) -> Tensor:
+        return torch.sigmoid(self.encoder(feat))
+
+    def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
+        out = super().forward(feat)
+        out["sparse_code"] = out["z"]
+        return out
+
+
+class DenoisingAE(AutoEncoder):
+    """Denoising autoencoder: in training the encoder sees a masked, noisy feature; the target stays clean."""
+
+    def __init__(self, in_dim: int, latent_dim: int, drop: float = 0.1, noise: float = 0.1) -> None:
+        super().__init__(in_dim, latent_dim)
+        self.drop, self.noise = drop, noise
+
+    def corrupt(self, feat: Tensor) -> Tensor:
+        # Noise relative to the features' spread, which differs by orders of magnitude between backbones.
+        scale = self.noise * feat.detach().std()
+        return F.dropout(feat, self.drop, training=True) + scale * torch.randn_like(feat)
+
+
+class VariationalAE(nn.Module):
+    """Variational autoencoder: the embedding is μ; the decoder gets a reparameterised sample in training."""
+
+    def __init__(self, in_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        hidden = _hidden_dim(in_dim, latent_dim)
+        self.latent_dim = latent_dim
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+        self.mu = nn.Linear(hidden, latent_dim)
+        self.logvar = nn.Linear(hidden, latent_dim)
+        self.decoder = _mlp(latent_dim, hidden, in_dim)
+
+    def encode(self, feat: Tensor) -> Tensor:
+        return self.mu(self.encoder(feat))
+
+    def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
+        hidden = self.encoder(feat)
+        mu = self.mu(hidden)
+        # A soft clamp keeps exp(logvar) finite (and the KL too) while leaving a gradient inside the range.
+        logvar = LOGVAR_LIMIT * torch.tanh(self.logvar(hidden) / LOGVAR_LIMIT)
+        latent = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return _outputs(mu, latent, self.decoder(latent), mu=mu, logvar=logvar)
+
+
+def build_autoencoder(name: str, in_dim: int, latent_dim: int) -> nn.Module:
+    """The autoencoder `name` from a feature of `in_dim` to `latent_dim` (ignored by "none")."""
+    if name == "none":
+        return IdentityAE(in_dim)
+    kinds = {"ae": AutoEncoder, "vae": VariationalAE, "sae": SparseAE, "dae": DenoisingAE}
+    if name not in kinds:
+        raise ValueError(f"unknown autoencoder {name!r}: expected one of {', '.join(AE_NAMES)}")
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be positive, not {latent_dim}")
+    return kinds[name](in_dim, latent_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Heads on the embedding z
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SiameseHead(nn.Module):
+    """Same-person logit of a pair from an MLP on (|z_i − z_j|, z_i ⊙ z_j): symmetric by construction."""
+
+    def __init__(self, dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, z_i: Tensor, z_j: Tensor) -> Tensor:
+        return self.mlp(torch.cat([(z_i - z_j).abs(), z_i * z_j], dim=1)).squeeze(1)
+
+
+class BNNeckClassifier(nn.Module):
+    """BNNeck (BatchNorm, bias frozen at zero as in BoT), then a bias-free linear layer to the identities."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+        # BoT freezes the shift at zero so the normalised features stay centred, where softmax boundaries sit.
+        self.bn.bias.requires_grad_(False)
+        self.fc = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.fc.weight, std=0.001)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fc(self.bn(z))
+
+
+class Heads(nn.Module):
+    """The identity classifier and the Siamese head: one part, saved together as classifier.pt."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.identity = BNNeckClassifier(dim, num_classes)
+        self.siamese = SiameseHead(dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ReIDModel(nn.Module):
+    """Backbone → autoencoder → (identity classifier, Siamese head); the embedding is the autoencoder's z."""
+
+    def __init__(self, backbone_name: str, ae_name: str, num_classes: int, latent_dim: int = 512,
+                 pretrained: str | Path | None = None, last_stride: int = 1,
+                 img_size: tuple[int, int] = (256, 128)) -> None:
+        super().__init__()
+        self.backbone, self.feat_dim = build_backbone(backbone_name, pretrained, last_stride, img_size)
+        self.ae = build_autoencoder(ae_name, self.feat_dim, latent_dim)
+        self.embed_dim = self.ae.latent_dim
+        self.classifier = Heads(self.embed_dim, num_classes)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The separately saved parts, by their file names' stems."""
+        return {"backbone": self.backbone, "ae": self.ae, "classifier": self.classifier}
+
+    def embed(self, images: Tensor) -> Tensor:
+        """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise)."""
+        return self.ae.encode(self.backbone(images))
+
+    def verify(self, z_i: Tensor, z_j: Tensor) -> Tensor:
+        """Same-person logits [N] of the embedding pairs (z_i[n], z_j[n])."""
+        return self.classifier.siamese(z_i, z_j)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        """What the losses use: feat, z, latent, recon, recon_target, mu, logvar, logits, sparse_code."""
+        feat = self.backbone(images)
+        out = self.ae(feat)
+        out["feat"] = feat
+        # Detached so reconstruction trains the autoencoder without pulling the features towards easy targets.
+        out["recon_target"] = feat.detach() if out["recon"] is not None else None
+        out["logits"] = self.classifier.identity(out["z"])
+        return out
