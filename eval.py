@@ -1,0 +1,546 @@
+"""Evaluate a trained model on a prepared split: mAP, mINP and CMC by the Market-1501 protocol.
+
+python eval.py --all-dir runs/demo                 # the standard test split, results in runs/demo/eval/
+python eval.py --all-dir runs/demo --split val --flip --rerank
+
+The metric functions (`evaluate_rank`, `re_ranking`, `pairwise_distance`) take arrays and are what train.py's
+validation and topk.py call too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import JUNK_PID, SPLITS, build_transforms, eval_loader, load_eval_records, manifest_path
+from model import ReIDModel, load_part_state
+from utils import (
+    LOG,
+    PART_FILES,
+    UserError,
+    atomic_write_bytes,
+    load_torch,
+    normalise_flag_spelling,
+    part_file,
+    read_json,
+    resolve_device,
+    setup_logging,
+    sha256_file,
+    versions,
+    write_json,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranking metrics
+# ---------------------------------------------------------------------------------------------------------
+
+AP_MODES = ("standard", "devkit")
+
+
+def check_rank_inputs(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> None:
+    """Shapes that agree and a non-empty query and gallery, or a ValueError saying what is wrong."""
+    if distmat.ndim != 2:
+        raise ValueError(f"distance matrix must be 2-D (query × gallery), got shape {distmat.shape}")
+    num_q, num_g = distmat.shape
+    if num_q == 0 or num_g == 0:
+        raise ValueError(f"empty {'query' if num_q == 0 else 'gallery'}: distance matrix is {num_q} × {num_g}")
+    for name, array, size in (("q_pids", q_pids, num_q), ("q_camids", q_camids, num_q), ("g_pids", g_pids, num_g),
+                              ("g_camids", g_camids, num_g)):
+        if len(array) != size:
+            raise ValueError(f"{name} has {len(array)} entries but the distance matrix is {num_q} × {num_g}")
+
+
+def positions_in_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """For entries grouped by row, each one's position within its row, and the count a row."""
+    counts = np.bincount(rows, minlength=num_rows)
+    return np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts), counts
+
+
+def padded(rows: np.ndarray, pos: np.ndarray, values: np.ndarray, num_rows: int, width: int, fill) -> np.ndarray:
+    """Row-grouped entries laid out as a (rows × width) array, the gaps filled."""
+    out = np.full((num_rows, max(width, 1)), fill, dtype=values.dtype)
+    out[rows, pos] = values
+    return out
+
+
+def chunk_match_ranks(dist: np.ndarray, match: np.ndarray, removed: np.ndarray,
+                      junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-based rank of every true match among the kept gallery items, as (row, rank) grouped by row.
+
+    Items are ordered by distance, ties by gallery index (a stable sort). Only each row's sorted distances and
+    a binary search per true match are needed. The items the protocol drops are subtracted exactly: `removed`
+    (same identity and camera, a few a row) and the `junk` gallery columns (the same for every row).
+    """
+    num_rows = dist.shape[0]
+    rows, cols = np.nonzero(match)
+    values = dist[rows, cols]
+    order = np.lexsort((cols, values, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    pos, counts = positions_in_rows(rows, num_rows)
+    sorted_rows = np.sort(dist, axis=1)
+    junk_dist = dist[:, junk]
+    sorted_junk = np.sort(junk_dist, axis=1)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    before = np.empty(len(rows), dtype=np.int64)
+    for row in np.flatnonzero(counts):  # a binary search for each of the row's few true matches
+        span = slice(bounds[row], bounds[row + 1])
+        left = np.searchsorted(sorted_rows[row], values[span], side="left")
+        right = np.searchsorted(sorted_rows[row], values[span], side="right")
+        junk_left = np.searchsorted(sorted_junk[row], values[span], side="left")
+        junk_right = np.searchsorted(sorted_junk[row], values[span], side="right")
+        before[span] = left - junk_left
+        for k in np.flatnonzero((right - left > 1) | (junk_right > junk_left)):
+            # equal distances: of the kept items, only lower gallery indices go first
+            at = bounds[row] + k
+            tied = np.count_nonzero(dist[row, : cols[at]] == values[at])
+            tied_junk = np.count_nonzero((junk_dist[row] == values[at]) & (junk < cols[at]))
+            before[at] += tied - tied_junk
+    gone_rows, gone_cols = np.nonzero(removed)
+    if gone_rows.size:
+        gone_pos, gone_counts = positions_in_rows(gone_rows, num_rows)
+        width = int(gone_counts.max())
+        gone_values = padded(gone_rows, gone_pos, dist[gone_rows, gone_cols], num_rows, width, np.inf)[rows]
+        gone_index = padded(gone_rows, gone_pos, gone_cols, num_rows, width, dist.shape[1])[rows]
+        first = (gone_values < values[:, None]) | ((gone_values == values[:, None]) & (gone_index < cols[:, None]))
+        before = before - first.sum(axis=1)
+    return rows, before + 1
+
+
+def per_query_metrics(rows: np.ndarray, ranks: np.ndarray, num_rows: int,
+                      ap_mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AP, INP and first-match rank of each query (NaN without a true match) from its matches' sorted ranks.
+
+    AP is non-interpolated (`standard`) or the Market-1501 devkit's trapezoid rule (`devkit`).
+    """
+    pos, counts = positions_in_rows(rows, num_rows)
+    precision = (pos + 1.0) / ranks
+    if ap_mode == "devkit":
+        old_precision = np.where(ranks > 1, pos / np.maximum(ranks - 1, 1), 1.0)
+        precision = (old_precision + precision) / 2
+    found = counts > 0
+    ap, inp, first = np.full(num_rows, np.nan), np.full(num_rows, np.nan), np.full(num_rows, np.nan)
+    ap[found] = np.bincount(rows, precision, minlength=num_rows)[found] / counts[found]
+    is_last = pos == counts[rows] - 1
+    inp[rows[is_last]] = counts[rows[is_last]] / ranks[is_last]
+    first[rows[pos == 0]] = ranks[pos == 0]
+    return ap, inp, first
+
+
+def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                  g_camids: np.ndarray, max_rank: int = 50, ap_mode: str = "standard", chunk_size: int = 256,
+                  threads: int | None = None) -> dict:
+    """mAP, mINP and CMC@1..max_rank by the Market-1501 protocol, plus per-query AP (NaN where skipped).
+
+    Per query, gallery items of the same identity and camera are removed and junk (pid -1) never counts;
+    distractors stay as negatives; a query with no true match left is skipped and counted. Smaller is closer.
+    """
+    if ap_mode not in AP_MODES:
+        raise ValueError(f"ap_mode {ap_mode!r}: expected one of {', '.join(AP_MODES)}")
+    check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
+    q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
+    junk = np.flatnonzero(g_pids == JUNK_PID)
+    real = g_pids != JUNK_PID
+
+    def chunk_metrics(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dist = np.asarray(distmat[start:start + chunk_size])
+        same_pid = (g_pids[None, :] == q_pids[start:start + chunk_size, None]) & real
+        same_cam = g_camids[None, :] == q_camids[start:start + chunk_size, None]
+        match_rows, ranks = chunk_match_ranks(dist, same_pid & ~same_cam, same_pid & same_cam, junk)
+        return per_query_metrics(match_rows, ranks, len(dist), ap_mode)
+
+    # numpy's sort releases the GIL, so threads share the work across cores.
+    with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(chunk_metrics, range(0, len(q_pids), chunk_size)))
+    ap, inp, first = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    valid = int(np.count_nonzero(~np.isnan(ap)))
+    if valid == 0:
+        raise ValueError(f"no query has a true match left in the gallery ({len(q_pids)} queries): every match is "
+                         "junk or seen by the query's own camera, which the protocol removes")
+    hit = first[~np.isnan(first)].astype(int)
+    cmc = np.cumsum(np.bincount(hit[hit <= max_rank] - 1, minlength=max_rank))[:max_rank] / valid
+    return {"mAP": float(np.nanmean(ap)), "mINP": float(np.nanmean(inp)), "cmc": cmc,
+            "num_valid_queries": valid, "num_skipped_queries": len(q_pids) - valid, "ap": ap}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distances and k-reciprocal re-ranking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean",
+                      chunk_size: int = 4096) -> torch.Tensor:
+    """Squared Euclidean or cosine (1 − cos) distances between two sets of features, in row chunks."""
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric {metric!r}: expected euclidean or cosine")
+    qf, gf = qf.float(), gf.float()
+    if metric == "cosine":
+        qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
+    out = torch.empty(qf.shape[0], gf.shape[0])
+    g_norms = gf.pow(2).sum(1)
+    for start in range(0, qf.shape[0], chunk_size):
+        q = qf[start:start + chunk_size]
+        if metric == "cosine":
+            out[start:start + chunk_size] = 1 - q @ gf.T
+        else:
+            block = torch.addmm(q.pow(2).sum(1, keepdim=True) + g_norms[None, :], q, gf.T, alpha=-2)
+            out[start:start + chunk_size] = block.clamp_(min=0)
+    return out
+
+
+def reciprocal_mask(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """For every item i and each of its k+1 nearest neighbours n, whether i is among n's k+1 nearest too."""
+    forward = ranks[:, : k + 1]
+    backward = ranks[forward, : k + 1]
+    return (backward == torch.arange(len(ranks))[:, None, None]).any(-1)
+
+
+def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1: int = 20, k2: int = 6,
+               lambda_value: float = 0.3, chunk_size: int = 512) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al., CVPR 2017): query × gallery distances, computed in torch by chunks.
+
+    The original's steps: squared, column-normalised distances; k-reciprocal neighbour sets expanded by their
+    half-size sets; Gaussian-weighted encodings V with local query expansion over k2 neighbours; Jaccard
+    distance over the sparse encodings; a blend with the original distance by λ.
+    """
+    num_q = q_g_dist.shape[0]
+    top = torch.cat([torch.from_numpy(np.asarray(q_q_dist, np.float32)),
+                     torch.from_numpy(np.asarray(q_g_dist, np.float32))], 1)
+    bottom = torch.cat([torch.from_numpy(np.asarray(q_g_dist, np.float32)).T,
+                        torch.from_numpy(np.asarray(g_g_dist, np.float32))], 1)
+    dist = torch.cat([top, bottom], 0)
+    del top, bottom
+    dist.pow_(2)
+    dist = (dist / dist.max(dim=0).values[None, :]).T.contiguous()
+    n = dist.shape[0]
+    half = int(np.around(k1 / 2.0))
+    depth = max(k1 + 1, k2)
+    ranks = torch.cat([torch.sort(dist[s:s + chunk_size], dim=1, stable=True).indices[:, :depth]
+                       for s in range(0, n, chunk_size)])
+    recip = reciprocal_mask(ranks, k1)
+    recip_half = reciprocal_mask(ranks, half)
+    encoding = torch.zeros(n, n)
+    for s in range(0, n, chunk_size):
+        rows = torch.arange(s, min(s + chunk_size, n))
+        forward, mask = ranks[rows, : k1 + 1], recip[rows]
+        candidates = forward  # each candidate's half-size reciprocal set, kept when it mostly agrees with i's set
+        cand_sets, cand_masks = ranks[candidates, : half + 1], recip_half[candidates]
+        inside = ((cand_sets[..., None] == forward[:, None, None, :]) & mask[:, None, None, :]).any(-1)
+        agree = (inside & cand_masks).sum(-1) > 2.0 / 3.0 * cand_masks.sum(-1)
+        take = cand_masks & (agree & mask)[..., None]
+        member = torch.zeros(len(rows), n + 1, dtype=torch.bool)
+        member.scatter_(1, torch.where(mask, forward, n), True)
+        member.scatter_(1, torch.where(take, cand_sets, n).flatten(1), True)
+        weights = torch.exp(-dist[rows]) * member[:, :n]
+        encoding[rows] = weights / weights.sum(1, keepdim=True)
+    if k2 != 1:
+        expanded = torch.empty_like(encoding)
+        for s in range(0, n, chunk_size):
+            expanded[s:s + chunk_size] = encoding[ranks[s:s + chunk_size, :k2]].mean(1)
+        encoding = expanded
+    query_dist = dist[:num_q].clone()
+    del dist
+    final = jaccard_blend(encoding, num_q, query_dist, lambda_value, chunk_size)
+    return final[:, num_q:].numpy()
+
+
+def jaccard_blend(encoding: torch.Tensor, num_q: int, query_dist: torch.Tensor, lambda_value: float,
+                  chunk_size: int) -> torch.Tensor:
+    """(1 − λ)·Jaccard distance of the query encodings to all encodings, plus λ·original distance.
+
+    The sum of minima runs over shared non-zero columns only, through a column-wise index of the encodings.
+    """
+    rows, cols = encoding.T.nonzero(as_tuple=True)  # by column: for column c, the items with V[·, c] ≠ 0
+    col_items, col_values = cols, encoding.T[rows, cols]
+    col_start = torch.zeros(encoding.shape[1] + 1, dtype=torch.long)
+    col_start[1:] = torch.cumsum(torch.bincount(rows, minlength=encoding.shape[1]), 0)
+    out = torch.empty_like(query_dist)
+    for s in range(0, num_q, chunk_size):
+        q_rows, q_cols = encoding[s:min(s + chunk_size, num_q)].nonzero(as_tuple=True)
+        q_values = encoding[s + q_rows, q_cols]
+        counts = col_start[q_cols + 1] - col_start[q_cols]
+        pair_q = torch.repeat_interleave(q_rows, counts)
+        pair_v = torch.repeat_interleave(q_values, counts)
+        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        slots = torch.repeat_interleave(col_start[q_cols], counts) + offsets
+        shared = torch.zeros(min(chunk_size, num_q - s), encoding.shape[0])
+        shared.index_put_((pair_q, col_items[slots]), torch.minimum(pair_v, col_values[slots]), accumulate=True)
+        jaccard = 1 - shared / (2 - shared)
+        out[s:s + chunk_size] = jaccard * (1 - lambda_value) + query_dist[s:s + chunk_size] * lambda_value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features: a model from its saved parts, batched extraction, a cache beside the results
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(model, loader, device: torch.device, flip: bool = False,
+                     progress: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """L2-normalised embeddings of every image a loader yields (averaged with the mirror image when `flip`),
+    with the person ids and cameras."""
+    model.eval()
+    features, pids, camids = [], [], []
+    for images, batch_pids, batch_camids, _ in tqdm(loader, desc="embedding", unit="batch", disable=not progress,
+                                                    leave=False):
+        images = images.to(device, non_blocking=True)
+        embedding = model.embed(images).float()
+        if flip:
+            embedding = embedding + model.embed(torch.flip(images, dims=[3])).float()
+        features.append(torch.nn.functional.normalize(embedding, dim=1).cpu())
+        pids.append(batch_pids.numpy())
+        camids.append(batch_camids.numpy())
+    return torch.cat(features), np.concatenate(pids), np.concatenate(camids)
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    """Backbone, autoencoder, sizes and part files of the model to evaluate, from the flags and config.json."""
+    sources = {"backbone": args.backbone_dir or args.all_dir, "ae": args.ae_dir or args.all_dir,
+               "classifier": args.classifier_dir or args.all_dir}
+    flags: dict = {}
+    for folder in [args.all_dir, args.backbone_dir, args.ae_dir, args.classifier_dir]:
+        if folder is not None and Path(folder).is_dir() and (Path(folder) / "config.json").is_file():
+            config = read_json(Path(folder) / "config.json")
+            flags = {**config["flags"], "num_classes": config.get("num_classes")}
+            break
+    backbone = args.backbone_type or flags.get("backbone_name")
+    ae = args.ae_type or flags.get("ae_name")
+    if backbone is None or ae is None:
+        raise UserError("--backbone_type and --ae_type are needed when no config.json is found beside the parts "
+                        "(or give --all-dir RESULT_DIR)")
+    for name, given, trained in (("--backbone_type", args.backbone_type, flags.get("backbone_name")),
+                                 ("--ae_type", args.ae_type, flags.get("ae_name"))):
+        if given and trained and given != trained:
+            raise UserError(f"{name} {given}: the parts were trained as {trained}")
+    if sources["backbone"] is None or sources["ae"] is None:
+        raise UserError("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    files = {part: part_file(path, part, f"--{part}_dir") for part, path in sources.items()
+             if path is not None and (part != "classifier" or args.classifier_dir or
+                                      (Path(path) / PART_FILES["classifier"]).is_file())}
+    return {"backbone": backbone, "ae": ae, "files": {k: str(v) for k, v in files.items()},
+            "latent_dim": int(flags.get("latent_dim") or args.latent_dim),
+            "img_size": tuple(args.img_size or flags.get("img_size") or (256, 128)),
+            "last_stride": int(flags.get("last_stride") or 1), "num_classes": flags.get("num_classes")}
+
+
+def load_model(settings: dict, device: torch.device) -> ReIDModel:
+    """Build the model named by `settings` and load its saved parts, naming a part that does not fit."""
+    states = {part: load_torch(path) for part, path in settings["files"].items()}
+    num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
+    try:
+        model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
+                          last_stride=settings["last_stride"], img_size=settings["img_size"])
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    parts = model.parts()
+    for part, state in states.items():
+        try:
+            load_part_state(parts[part], state, part)
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"{settings['files'][part]}: does not fit {settings['backbone']} + {settings['ae']}: "
+                            f"{err}") from err
+    return model.to(device).eval()
+
+
+def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
+    """What the cached features depend on: the part files' bytes, the split manifest, the image size, flipping."""
+    digest = hashlib.sha256()
+    for part in sorted(settings["files"]):
+        if part != "classifier":
+            digest.update(sha256_file(settings["files"][part]).encode())
+    digest.update(sha256_file(manifest).encode())
+    digest.update(f"{settings['img_size']}{flip}".encode())
+    return digest.hexdigest()
+
+
+def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
+                   cache: Path | None, batch_size: int = 128, workers: int = 2) -> dict[str, np.ndarray]:
+    """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted."""
+    key = feature_cache_key(settings, manifest_path(prepared, split), flip)
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            if str(stored["key"]) == key:
+                LOG.info("features from %s", cache)
+                return {name: stored[name] for name in stored.files if name != "key"}
+    query, gallery = load_eval_records(prepared, split)
+    if not query or not gallery:
+        raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
+                        "both must be non-empty")
+    loader = eval_loader(query + gallery, build_transforms(settings["img_size"], False), batch_size, workers)
+    features, pids, camids = extract_features(model, loader, device, flip)
+    n = len(query)
+    found = {"qf": features[:n].numpy(), "gf": features[n:].numpy(), "q_pids": pids[:n], "g_pids": pids[n:],
+             "q_camids": camids[:n], "g_camids": camids[n:],
+             "q_files": np.array([Path(r.path).name for r in query]),
+             "g_files": np.array([str(Path(r.path).relative_to(prepared)) for r in gallery])}
+    if cache is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), **found)
+        atomic_write_bytes(cache, buffer.getvalue())
+    return found
+
+
+def classifier_classes(state: dict | None) -> int | None:
+    """The number of training identities, read off a saved classifier's output layer."""
+    if state is None:
+        return None
+    weight = state.get("identity.fc.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The seed's model and data flags, shared by eval.py and topk.py."""
+    add = parser.add_argument
+    add("--all-dir", type=Path, help="a result directory of train.py: parts, config.json (enough on its own)")
+    add("--backbone-dir", type=Path, help="backbone weights: a file or a folder holding backbone.pt")
+    add("--backbone-type", help="backbone name (read from config.json when there is one)")
+    add("--ae-dir", type=Path, help="autoencoder weights: a file or a folder holding ae.pt")
+    add("--ae-type", help="autoencoder name (read from config.json when there is one)")
+    add("--classifier-dir", type=Path, help="classifier and Siamese head: a file or a folder holding classifier.pt")
+    add("--dataset-dir", type=Path, help="prepared root (default: the one the model was trained on)")
+    add("--split", default="test", choices=[s for s in SPLITS if s != "train"])
+    add("--flip", action="store_true", help="average each embedding with its mirror image's")
+    add("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    add("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    add("--k1", type=int, default=20)
+    add("--k2", type=int, default=6)
+    add("--lambda-value", type=float, default=0.3)
+    add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
+    add("--latent-dim", type=int, default=512, help="latent size when no config.json says it")
+    add("--batch-size", type=int, default=128)
+    add("--workers", type=int, default=2)
+    add("--device", default="auto")
+    add("--no-cache", action="store_true", help="always extract features, never read or write the .npz cache")
+    add("--out", type=Path, help="output folder (default RESULT_DIR/eval, or eval_<split> for other splits)")
+
+
+def dataset_root(args: argparse.Namespace) -> Path:
+    """The prepared root to evaluate on: --dataset-dir, else the training run's --data."""
+    if args.dataset_dir is not None:
+        return args.dataset_dir
+    for folder in (args.all_dir, args.backbone_dir):
+        if folder is not None and (Path(folder) / "config.json").is_file():
+            return Path(read_json(Path(folder) / "config.json")["flags"]["data"])
+    raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where results go: --out, else beside the model."""
+    if args.out is not None:
+        return args.out
+    base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
+    return Path(base) / ("eval" if args.split == "test" else f"eval_{args.split}")
+
+
+def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace) -> np.ndarray:
+    """Query × gallery distances by --metric, re-ranked when --rerank."""
+    qf, gf = torch.from_numpy(found["qf"]), torch.from_numpy(found["gf"])
+    q_g = pairwise_distance(qf, gf, args.metric).numpy()
+    if not args.rerank:
+        return q_g
+    q_q = pairwise_distance(qf, qf, args.metric).numpy()
+    g_g = pairwise_distance(gf, gf, args.metric).numpy()
+    return re_ranking(q_g, q_q, g_g, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+
+
+def prepare_evaluation(args: argparse.Namespace) -> tuple[dict, Path, Path, dict[str, np.ndarray], np.ndarray]:
+    """Model settings, data root, output folder, features and distances: what eval.py and topk.py share."""
+    settings = model_settings(args)
+    prepared, out = dataset_root(args), output_dir(args)
+    device = resolve_device(args.device)
+    model = load_model(settings, device)
+    cache = None if args.no_cache else out / f"features_{args.split}{'_flip' if args.flip else ''}.npz"
+    found = split_features(model, settings, prepared, args.split, args.flip, device, cache, args.batch_size,
+                           args.workers)
+    return settings, prepared, out, found, ranking_distances(found, args)
+
+
+def plot_cmc(cmc: np.ndarray, path: Path, label: str) -> None:
+    """The CMC curve, rank 1..len(cmc)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ranks = np.arange(1, len(cmc) + 1)
+    ax.plot(ranks, cmc * 100, marker="o", markersize=2, label=label)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(1, len(cmc))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("CMC")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """eval.py's flags; `--flag_name` and `--flag-name` are the same flag."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    parser.add_argument("--ap-mode", choices=("standard", "devkit"), default="standard",
+                        help="standard: non-interpolated AP (torchreid, fast-reid); devkit: Market-1501 devkit's")
+    parser.add_argument("--max-rank", type=int, default=50)
+    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.all_dir is None and args.backbone_dir is None:
+        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    settings, prepared, out, found, distances = prepare_evaluation(args)
+    result = evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
+                           max_rank=args.max_rank, ap_mode=args.ap_mode)
+    cmc = result["cmc"]
+    report = {
+        "split": args.split, "mAP": result["mAP"], "mINP": result["mINP"], "ap_mode": args.ap_mode,
+        **{f"rank{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)},
+        "cmc": {str(k): float(v) for k, v in enumerate(cmc, start=1)},
+        "num_query": int(len(found["q_pids"])), "num_gallery": int(len(found["g_pids"])),
+        "num_valid_queries": int(result["num_valid_queries"]),
+        "num_skipped_queries": int(result["num_skipped_queries"]),
+        "model": settings, "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "manifest": {"path": str(manifest_path(prepared, args.split)),
+                     "sha256": sha256_file(manifest_path(prepared, args.split))},
+        "versions": versions(),
+    }
+    write_json(out / "results.json", report)
+    plot_cmc(cmc, out / "cmc.png", f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%")
+    LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s", settings["backbone"], settings["ae"],
+             args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
+             ", flip" if args.flip else "", ", re-ranked" if args.rerank else "")
+    LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
+    for k in (1, 5, 10):
+        if f"rank{k}" in report:
+            LOG.info("  Rank-%-2d %6.2f%%", k, 100 * report[f"rank{k}"])
+    LOG.info("results in %s", out / "results.json")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,174 @@
+"""train.py: learning, result directory, exact resume, loading parts, bad input, distributed training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prepare
+import train
+from conftest import ROOT
+from model import ReIDModel
+from utils import UserError, load_torch
+
+TINY = ["--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64", "--img-size", "64", "32",
+        "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--deterministic", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic set big enough for validation mAP to mean something: 16 training and 8 validation ids."""
+    base = tmp_path_factory.mktemp("learnable")
+    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), "--train-ids", "24",
+                  "--test-ids", "4", "--cameras", "3", "--images-per-camera", "3", "--height", "64", "--width", "32",
+                  "--distractors", "4", "--junk", "2", "--val-ids", "8", "--seed", "1", "--quiet"])
+    return base / "prepared"
+
+
+@pytest.fixture(scope="module")
+def trained(learnable: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short run of 6 epochs, shared by the tests that read its result directory."""
+    result = tmp_path_factory.mktemp("runs") / "r18_vae"
+    train.main(["--data", str(learnable), "--result-dir", str(result), "--epochs", "6", "--lr", "1e-3",
+                "--lr-classifier", "1e-2", *TINY])
+    return result
+
+
+def read_metrics(result: Path) -> list[dict]:
+    return [json.loads(line) for line in (result / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_validation_map_rises(trained: Path):
+    rows = read_metrics(trained)
+    untrained, epochs = rows[0], rows[1:]
+    assert untrained["epoch"] == 0 and len(epochs) == 6
+    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"]
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["untrained_val_mAP"] == untrained["val_mAP"]
+    assert summary["best_val_mAP"] > untrained["val_mAP"] + 0.15
+
+
+def test_result_directory_holds_every_record(trained: Path):
+    for name in ("config.json", "backbone.pt", "ae.pt", "classifier.pt", "checkpoint.pt", "metrics.jsonl",
+                 "losses.png", "summary.json"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["flags"]["backbone_name"] == "resnet18" and config["num_classes"] == 16
+    assert set(config["manifests"]) == {"train", "val"} and "torch" in config["versions"]
+    row = read_metrics(trained)[1]
+    for key in ("loss", "triplet", "id", "kl", "reconstruction", "bce", "lr", "lr_classifier", "val_mAP",
+                "val_rank1", "val_mINP"):
+        assert key in row, key
+    assert "sparsity" not in row  # weight 0 for vae by default: not computed
+    assert row["lr_classifier"] == pytest.approx(10 * row["lr"])
+
+
+def test_best_epoch_parts_are_kept(trained: Path):
+    rows = read_metrics(trained)[1:]
+    best = max(rows, key=lambda r: r["val_mAP"])
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["best_epoch"] == best["epoch"] and summary["best_val_mAP"] == best["val_mAP"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(learnable: Path, tmp_path: Path):
+    flags = ["--data", str(learnable), "--epochs", "2", *TINY]
+    train.main([*flags, "--result-dir", str(tmp_path / "whole")])
+    stopped = train.main([*flags, "--result-dir", str(tmp_path / "parts"), "--max-steps", "3"])
+    assert stopped == {"stopped_at_step": 3}
+    assert load_torch(tmp_path / "parts" / "checkpoint.pt")["batch"] == 3
+    train.main([*flags, "--result-dir", str(tmp_path / "parts"), "--resume"])
+    whole = load_torch(tmp_path / "whole" / "checkpoint.pt")
+    resumed = load_torch(tmp_path / "parts" / "checkpoint.pt")
+    assert whole["step"] == resumed["step"]
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    rows_whole, rows_parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
+    assert [r.keys() for r in rows_whole] == [r.keys() for r in rows_parts]
+    for row_whole, row_parts in zip(rows_whole, rows_parts, strict=True):
+        timeless = [k for k in row_whole if k != "images_per_s"]
+        assert [row_parts[k] for k in timeless] == pytest.approx([row_whole[k] for k in timeless], rel=1e-5)
+
+
+def test_pre_parts_load_from_a_file_or_a_result_directory(trained: Path, learnable: Path, tmp_path: Path):
+    model = ReIDModel("resnet18", "vae", 16, latent_dim=64, img_size=(64, 32))
+    args = train.parse_args(["--pre-backbone", str(trained), "--pre-ae", str(trained / "ae.pt"),
+                             "--pre-classifier", str(trained), "--backbone-name", "resnet18"])
+    train.load_pretrained_parts(model, args)
+    for part, module in model.parts().items():
+        saved = load_torch(trained / f"{part}.pt")
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, saved[key]), (part, key)
+    train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "more"), "--epochs", "1",
+                "--pre-backbone", str(trained), "--pre-ae", str(trained), "--pre-classifier", str(trained), *TINY])
+    first = read_metrics(tmp_path / "more")[0]
+    assert first["val_mAP"] > read_metrics(trained)[0]["val_mAP"]  # starts from the trained parts
+
+
+def test_pre_part_that_does_not_fit_names_the_part(trained: Path, learnable: Path, tmp_path: Path):
+    with pytest.raises(UserError, match=r"--pre-ae .*ae.pt: .*ae"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+                    "--pre-ae", str(trained), *TINY, "--latent-dim", "32"])
+    with pytest.raises(UserError, match=r"--pre-backbone .*nowhere.*no backbone weights"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r2"), "--epochs", "1",
+                    "--pre-backbone", str(tmp_path / "nowhere"), *TINY])
+
+
+def test_unknown_names_list_the_valid_ones(learnable: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="resnet152"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), *TINY,
+                    "--backbone-name", "resnet7"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--ae-name", "gan"])
+
+
+def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable: Path):
+    with pytest.raises(UserError, match="holds a run already; pass --resume"):
+        train.main(["--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
+
+
+def test_non_finite_loss_stops_with_the_term_after_saving(learnable: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    calls = {"n": 0}
+    real = train.total_loss
+
+    def poisoned(*args, **kwargs):
+        total, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["kl"] = terms["kl"] * float("nan")
+            total = total + terms["kl"]
+        return total, terms
+
+    monkeypatch.setattr(train, "total_loss", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): term 'kl' = nan"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
+    assert load_torch(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+
+
+def test_learning_rate_warms_up_then_decays():
+    assert train.lr_factor(0, 100, 10, "cosine", []) == pytest.approx(0.1)
+    assert train.lr_factor(5, 100, 10, "cosine", []) == pytest.approx(0.55)
+    assert train.lr_factor(10, 100, 10, "cosine", []) == pytest.approx(1.0)
+    assert train.lr_factor(100, 100, 10, "cosine", []) == pytest.approx(0.01)
+    assert train.lr_factor(60, 100, 0, "step", [0.5, 0.8]) == pytest.approx(0.1)
+    assert train.lr_factor(90, 100, 0, "step", [0.5, 0.8]) == pytest.approx(0.01)
+
+
+def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         str(ROOT / "train.py"), "--data", str(learnable), "--result-dir", str(tmp_path / "ddp"), "--epochs", "1",
+         "--device", "cpu", *TINY], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    checksums = summary["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
