@@ -381,7 +381,7 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
     n = len(query)
     found = {"qf": features[:n].numpy(), "gf": features[n:].numpy(), "q_pids": pids[:n], "g_pids": pids[n:],
              "q_camids": camids[:n], "g_camids": camids[n:],
-             "q_files": np.array([Path(r.path).name for r in query]),
+             "q_files": np.array([str(Path(r.path).relative_to(prepared)) for r in query]),
              "g_files": np.array([str(Path(r.path).relative_to(prepared)) for r in gallery])}
     if cache is not None:
         buffer = io.BytesIO()
@@ -511,8 +511,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
     settings, prepared, out, found, distances = prepare_evaluation(args)
-    result = evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
-                           max_rank=args.max_rank, ap_mode=args.ap_mode)
+    try:
+        result = evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
+                               max_rank=args.max_rank, ap_mode=args.ap_mode)
+    except ValueError as err:
+        raise UserError(f"split '{args.split}' of {prepared}: {err}") from err
     cmc = result["cmc"]
     report = {
         "split": args.split, "mAP": result["mAP"], "mINP": result["mINP"], "ap_mode": args.ap_mode,

@@ -1,0 +1,244 @@
+"""eval.py: the Market-1501 protocol on hand-worked cases, against a plain loop, re-ranking, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eval as evaluation
+import train
+from eval import evaluate_rank, pairwise_distance, re_ranking
+from utils import UserError, save_torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Hand-worked cases
+# ---------------------------------------------------------------------------------------------------------
+
+# Gallery: index: pid, camera.  g1 is query 0's same-camera match, g3 junk, g4 a distractor.
+G_PIDS = np.array([2, 1, 1, -1, 0, 1, 3])
+G_CAMS = np.array([2, 1, 2, 2, 3, 3, 2])
+Q_PIDS = np.array([1, 2, 4, 3])
+Q_CAMS = np.array([1, 1, 1, 2])
+DIST = np.array([
+    [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6],
+    [0.9, 0.1, 0.2, 0.05, 0.3, 0.4, 0.5],
+    [0.1, 0.2, 0.3, 0.40, 0.5, 0.6, 0.7],
+    [0.1, 0.2, 0.3, 0.40, 0.5, 0.6, 0.7],
+], dtype=np.float32)
+
+
+def test_hand_worked_protocol_case():
+    result = evaluate_rank(DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, max_rank=7)
+    # Query 0 (pid 1, cam 1): g1 removed (same camera), g3 junk. Kept order g0-, g2+, g4-, g5+, g6-:
+    #   matches at ranks 2 and 4 -> AP = (1/2 + 2/4) / 2 = 0.5, INP = 2/4 = 0.5, first hit at rank 2.
+    # Query 1 (pid 2, cam 1): kept order g1-, g2-, g4-, g5-, g6-, g0+ -> AP = 1/6, INP = 1/6, first hit at 6.
+    # Query 2 (pid 4): no gallery image -> skipped.  Query 3 (pid 3, cam 2): only g6, same camera -> skipped.
+    assert result["num_valid_queries"] == 2 and result["num_skipped_queries"] == 2
+    assert result["mAP"] == pytest.approx((0.5 + 1 / 6) / 2)
+    assert result["mINP"] == pytest.approx((0.5 + 1 / 6) / 2)
+    np.testing.assert_allclose(result["cmc"], [0, 0.5, 0.5, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(result["ap"], [0.5, 1 / 6, np.nan, np.nan])
+
+
+def test_devkit_average_precision_uses_the_trapezoid_rule():
+    result = evaluate_rank(DIST[:1], Q_PIDS[:1], G_PIDS, Q_CAMS[:1], G_CAMS, ap_mode="devkit")
+    # Query 0: matches at ranks 2 and 4 of 2 matches.
+    #   i=1, r=2: recall step 1/2, old precision 0/1 = 0, precision 1/2 -> 0.5 * (0 + 0.5) / 2 = 0.125
+    #   i=2, r=4: recall step 1/2, old precision 1/3, precision 2/4 -> 0.5 * (1/3 + 1/2) / 2 = 0.208333
+    assert result["mAP"] == pytest.approx(0.125 + 0.5 * (1 / 3 + 0.5) / 2)
+
+
+def test_ties_are_broken_by_gallery_index_and_removed_items_do_not_count():
+    # g0 junk, g1 same camera (removed), g2 other person, g3 match, g4 other person: all at 0.5; g5 match at 0.2.
+    g_pids, g_cams = np.array([-1, 1, 2, 1, 3, 1]), np.array([2, 1, 2, 2, 2, 3])
+    dist = np.array([[0.5, 0.5, 0.5, 0.5, 0.5, 0.2]], dtype=np.float32)
+    result = evaluate_rank(dist, np.array([1]), g_pids, np.array([1]), g_cams, max_rank=4)
+    # Kept order: g5+ (0.2), g2- , g3+, g4- -> ranks 1 and 3: AP = (1 + 2/3) / 2, INP = 2/3.
+    assert result["mAP"] == pytest.approx(5 / 6)
+    assert result["mINP"] == pytest.approx(2 / 3)
+    np.testing.assert_allclose(result["cmc"], [1, 1, 1, 1])
+
+
+def test_distractors_are_negatives():
+    dist = np.array([[0.1, 0.2]], dtype=np.float32)
+    result = evaluate_rank(dist, np.array([5]), np.array([0, 5]), np.array([1]), np.array([2, 2]), max_rank=2)
+    assert result["mAP"] == pytest.approx(0.5) and result["cmc"].tolist() == [0.0, 1.0]
+
+
+def test_a_gallery_seen_by_the_query_camera_only_is_an_error():
+    with pytest.raises(ValueError, match="no query has a true match left.*own camera"):
+        evaluate_rank(np.zeros((2, 3), np.float32), np.array([1, 2]), np.array([1, 2, 2]), np.array([1, 1]),
+                      np.array([1, 1, 1]))
+
+
+def test_empty_or_mismatched_inputs_are_errors():
+    with pytest.raises(ValueError, match="empty query"):
+        evaluate_rank(np.zeros((0, 3)), np.array([]), np.array([1, 2, 3]), np.array([]), np.array([1, 1, 1]))
+    with pytest.raises(ValueError, match="g_camids has 2 entries but the distance matrix is 1 × 3"):
+        evaluate_rank(np.zeros((1, 3)), np.array([1]), np.array([1, 2, 3]), np.array([1]), np.array([1, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against a plain per-query loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference_metrics(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap_mode):
+    """The textbook loop: stable sort a row, drop same-camera matches and junk, read off the matches."""
+    aps, inps, cmc = [], [], np.zeros(max_rank)
+    for i in range(len(q_pids)):
+        order = np.argsort(dist[i], kind="stable")
+        keep = ~((g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i])) & (g_pids[order] != -1)
+        hits = (g_pids[order] == q_pids[i])[keep]
+        if not hits.any():
+            aps.append(np.nan)
+            continue
+        ranks = np.flatnonzero(hits) + 1.0
+        n = np.arange(1, len(ranks) + 1)
+        if ap_mode == "standard":
+            aps.append(np.mean(n / ranks))
+        else:
+            old = np.array([(k - 1) / (r - 1) if r > 1 else 1.0 for k, r in zip(n, ranks, strict=True)])
+            aps.append(np.sum((old + n / ranks) / 2) / len(ranks))
+        inps.append(len(ranks) / ranks[-1])
+        if ranks[0] <= max_rank:
+            cmc[int(ranks[0]) - 1:] += 1
+    return np.array(aps), inps, cmc
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_q=st.integers(1, 9), num_g=st.integers(1, 40), levels=st.integers(1, 6),
+       chunk=st.integers(1, 5), ap_mode=st.sampled_from(["standard", "devkit"]))
+def test_vectorised_metrics_equal_the_plain_loop(seed, num_q, num_g, levels, chunk, ap_mode):
+    rng = np.random.default_rng(seed)
+    q_pids, g_pids = rng.integers(0, 4, num_q), rng.integers(-1, 4, num_g)
+    q_cams, g_cams = rng.integers(1, 4, num_q), rng.integers(1, 4, num_g)
+    dist = (rng.integers(0, levels, (num_q, num_g)) + (rng.random((num_q, num_g)) if levels == 6 else 0))
+    dist = dist.astype(np.float32)  # few levels: many ties
+    aps, inps, cmc = reference_metrics(dist, q_pids, g_pids, q_cams, g_cams, 10, ap_mode)
+    if np.all(np.isnan(aps)):
+        with pytest.raises(ValueError):
+            evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, ap_mode=ap_mode, chunk_size=chunk)
+        return
+    result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, ap_mode=ap_mode, chunk_size=chunk)
+    valid = int(np.sum(~np.isnan(aps)))
+    assert result["num_valid_queries"] == valid
+    assert abs(result["mAP"] - np.nanmean(aps)) < 1e-9
+    assert abs(result["mINP"] - np.mean(inps)) < 1e-9
+    np.testing.assert_allclose(result["cmc"], cmc / valid, atol=1e-12)
+    np.testing.assert_allclose(result["ap"], aps, atol=1e-12)
+
+
+def test_pairwise_distances_match_their_definitions():
+    torch.manual_seed(0)
+    qf, gf = torch.randn(5, 8), torch.randn(7, 8)
+    torch.testing.assert_close(pairwise_distance(qf, gf, chunk_size=2), torch.cdist(qf, gf) ** 2, rtol=1e-4, atol=1e-4)
+    cosine = 1 - torch.nn.functional.cosine_similarity(qf[:, None], gf[None], dim=2)
+    torch.testing.assert_close(pairwise_distance(qf, gf, "cosine"), cosine, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Re-ranking against the direct algorithm
+# ---------------------------------------------------------------------------------------------------------
+
+
+def direct_re_ranking(q_g, q_q, g_g, k1, k2, lambda_value):
+    """Zhong et al.'s algorithm written out with loops over items, dense and unchunked."""
+    dist = np.concatenate([np.concatenate([q_q, q_g], 1), np.concatenate([q_g.T, g_g], 1)], 0) ** 2
+    dist = (dist / dist.max(axis=0)).T
+    n, num_q = len(dist), len(q_g)
+    rank = np.argsort(dist, axis=1, kind="stable")
+
+    def reciprocal(i, k):
+        forward = rank[i, : k + 1]
+        return [c for c in forward if i in rank[c, : k + 1]]
+
+    encoding = np.zeros_like(dist)
+    for i in range(n):
+        core = reciprocal(i, k1)
+        expanded = set(core)
+        for candidate in core:
+            half = reciprocal(candidate, int(np.around(k1 / 2)))
+            if len(set(half) & set(core)) > 2 / 3 * len(half):
+                expanded |= set(half)
+        cols = sorted(expanded)
+        weights = np.exp(-dist[i, cols])
+        encoding[i, cols] = weights / weights.sum()
+    if k2 != 1:
+        encoding = np.stack([encoding[rank[i, :k2]].mean(0) for i in range(n)])
+    jaccard = np.zeros((num_q, n))
+    for i in range(num_q):
+        for j in range(n):
+            shared = np.minimum(encoding[i], encoding[j]).sum()
+            jaccard[i, j] = 1 - shared / (2 - shared)
+    return (jaccard * (1 - lambda_value) + dist[:num_q] * lambda_value)[:, num_q:]
+
+
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"), [(20, 6, 0.3), (5, 3, 0.0), (4, 1, 0.5)])
+def test_re_ranking_equals_the_direct_algorithm(k1, k2, lambda_value):
+    rng = np.random.default_rng(k1)
+    centres = rng.normal(size=(6, 8))
+    feats = torch.tensor(centres[rng.integers(0, 6, 45)] + 0.6 * rng.normal(size=(45, 8)), dtype=torch.float32)
+    qf, gf = feats[:12], feats[12:]
+    q_g, q_q, g_g = (pairwise_distance(a, b).numpy().astype(np.float64) for a, b in ((qf, gf), (qf, qf), (gf, gf)))
+    expected = direct_re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)
+    ours = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=7)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line on a model trained for one epoch
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    result = tmp_path_factory.mktemp("eval_runs") / "run"
+    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+                "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
+                "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
+    return result
+
+
+def test_cli_writes_results_equal_to_the_metrics_of_its_features(tiny_run: Path):
+    report = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0"])
+    stored = json.loads((tiny_run / "eval" / "results.json").read_text())
+    assert (tiny_run / "eval" / "cmc.png").is_file() and stored["mAP"] == report["mAP"]
+    with np.load(tiny_run / "eval" / "features_test.npz") as cached:
+        distances = pairwise_distance(torch.from_numpy(cached["qf"]), torch.from_numpy(cached["gf"])).numpy()
+        expected = evaluate_rank(distances, cached["q_pids"], cached["g_pids"], cached["q_camids"],
+                                 cached["g_camids"])
+    assert stored["mAP"] == pytest.approx(expected["mAP"]) and stored["rank1"] == pytest.approx(expected["cmc"][0])
+    assert stored["num_query"] == 18 and stored["num_valid_queries"] + stored["num_skipped_queries"] == 18
+    assert stored["manifest"]["sha256"] and stored["model"]["backbone"] == "resnet18"
+    assert len(stored["cmc"]) == 50
+
+
+def test_second_evaluation_reads_the_feature_cache(tiny_run: Path, caplog: pytest.LogCaptureFixture):
+    evaluation.main(["--all-dir", str(tiny_run), "--workers", "0"])
+    with caplog.at_level(logging.INFO, logger="reid"):
+        evaluation.main(["--all_dir", str(tiny_run), "--workers", "0", "--metric", "cosine"])
+    assert "features from" in caplog.text
+
+
+def test_seed_flags_select_parts_and_check_the_backbone(tiny_run: Path, tmp_path: Path):
+    report = evaluation.main(["--backbone_dir", str(tiny_run), "--ae_dir", str(tiny_run / "ae.pt"),
+                              "--split", "seed_test", "--workers", "0", "--out", str(tmp_path)])
+    assert report["split"] == "seed_test" and (tmp_path / "results.json").is_file()
+    with pytest.raises(UserError, match="--backbone_type resnet34: the parts were trained as resnet18"):
+        evaluation.main(["--all-dir", str(tiny_run), "--backbone_type", "resnet34"])
+
+
+def test_a_part_that_does_not_fit_is_named(tiny_run: Path, tmp_path: Path):
+    from model import build_autoencoder
+
+    save_torch(build_autoencoder("vae", 512, 16).state_dict(), tmp_path / "ae.pt")
+    with pytest.raises(UserError, match=r"ae.pt: does not fit resnet18 \+ vae"):
+        evaluation.main(["--all-dir", str(tiny_run), "--ae_dir", str(tmp_path / "ae.pt"), "--no-cache"])
