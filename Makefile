@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) prepare.py --synthetic $(SYNTH) --out $(PREPARED) --val-ids 20
 	test -f $(RUN)/summary.json || $(PY) train.py --data $(PREPARED) --result-dir $(RUN) $(DEMO_TRAIN) \
 		$$(test -f $(RUN)/checkpoint.pt && echo --resume)
+	$(PY) eval.py --all-dir $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
@@ -35,7 +36,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
-	$(PY) bench/eval_speed.py
+	$(PY) bench/eval_speed.py --rerank
 
 clean-demo:
 	rm -rf $(RUN) $(PREPARED) $(SYNTH)
