@@ -197,6 +197,12 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
     return out
 
 
+def embedding_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """Retrieval distances between embeddings: L2-normalised first, then squared Euclidean or cosine."""
+    normalize = torch.nn.functional.normalize
+    return pairwise_distance(normalize(qf.float(), dim=1), normalize(gf.float(), dim=1), metric)
+
+
 def reciprocal_mask(ranks: torch.Tensor, k: int) -> torch.Tensor:
     """For every item i and each of its k+1 nearest neighbours n, whether i is among n's k+1 nearest too."""
     forward = ranks[:, : k + 1]
@@ -280,6 +286,85 @@ def jaccard_blend(encoding: torch.Tensor, num_q: int, query_dist: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Verification: the Siamese head scored as a same-person classifier on balanced pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def verification_pairs(pids: np.ndarray, num_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Balanced same/different-person pairs (i, j, same) over images with a real identity, never i == j.
+
+    Up to `num_pairs` // 2 of each kind, fewer when the split has fewer positive pairs; junk and distractors
+    (pid ≤ 0) take no part, as they name no single person.
+    """
+    rng = np.random.default_rng(seed)
+    people = np.flatnonzero(pids > 0)
+    by_pid: dict[int, np.ndarray] = {}
+    for pid in np.unique(pids[people]):
+        by_pid[int(pid)] = people[pids[people] == pid]
+    shared = [pid for pid, items in by_pid.items() if len(items) >= 2]
+    if not shared or len(by_pid) < 2:
+        raise ValueError("verification needs an identity with two images and two identities in the split")
+    positives = sum(len(by_pid[p]) * (len(by_pid[p]) - 1) // 2 for p in shared)
+    half = min(num_pairs // 2, positives)
+    weights = np.array([len(by_pid[p]) * (len(by_pid[p]) - 1) for p in shared], dtype=float)
+    chosen = rng.choice(len(shared), size=half, p=weights / weights.sum())
+    pos = np.array([rng.choice(by_pid[shared[c]], size=2, replace=False) for c in chosen]).reshape(-1, 2)
+    neg = np.empty((0, 2), dtype=int)
+    while len(neg) < half:  # rejection: different identities only
+        draw = rng.choice(people, size=(2 * (half - len(neg)) + 8, 2))
+        neg = np.concatenate([neg, draw[pids[draw[:, 0]] != pids[draw[:, 1]]]])[:half]
+    pairs = np.concatenate([pos, neg])
+    return pairs[:, 0], pairs[:, 1], np.concatenate([np.ones(half, bool), np.zeros(half, bool)])
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a positive outscores a negative, ties counting half (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def threshold_curve(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """True/false positive counts at each distinct score used as threshold (predict positive when ≥), high first."""
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order].astype(bool)
+    last_of_level = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tp = np.cumsum(labels)[last_of_level]
+    fp = np.cumsum(~labels)[last_of_level]
+    return {"thresholds": scores[last_of_level], "tp": tp, "fp": fp}
+
+
+def pr_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: Σ (R_k − R_{k−1}) · P_k over thresholds."""
+    curve = threshold_curve(scores, labels)
+    recall = curve["tp"] / max(int(labels.sum()), 1)
+    precision = curve["tp"] / (curve["tp"] + curve["fp"])
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def verification_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1, F2 at a threshold, ROC and PR AUC, and the confusion matrix."""
+    labels = labels.astype(bool)
+    predicted = probs >= threshold
+    tp, fp = int(np.sum(predicted & labels)), int(np.sum(predicted & ~labels))
+    fn, tn = int(np.sum(~predicted & labels)), int(np.sum(~predicted & ~labels))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+
+    def f_beta(beta: float) -> float:
+        den = beta**2 * precision + recall
+        return (1 + beta**2) * precision * recall / den if den else 0.0
+
+    return {"threshold": threshold, "pairs": len(labels), "accuracy": (tp + tn) / len(labels),
+            "precision": precision, "recall": recall, "f1": f_beta(1.0), "f2": f_beta(2.0),
+            "roc_auc": roc_auc(probs, labels), "pr_auc": pr_auc(probs, labels),
+            "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Features: a model from its saved parts, batched extraction, a cache beside the results
 # ---------------------------------------------------------------------------------------------------------
 
@@ -287,8 +372,8 @@ def jaccard_blend(encoding: torch.Tensor, num_q: int, query_dist: torch.Tensor, 
 @torch.no_grad()
 def extract_features(model, loader, device: torch.device, flip: bool = False,
                      progress: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """L2-normalised embeddings of every image a loader yields (averaged with the mirror image when `flip`),
-    with the person ids and cameras."""
+    """Embeddings of every image a loader yields (summed with the mirror image's when `flip`), with the person
+    ids and cameras. They are kept raw, as the Siamese head takes them; retrieval normalises them."""
     model.eval()
     features, pids, camids = [], [], []
     for images, batch_pids, batch_camids, _ in tqdm(loader, desc="embedding", unit="batch", disable=not progress,
@@ -297,7 +382,7 @@ def extract_features(model, loader, device: torch.device, flip: bool = False,
         embedding = model.embed(images).float()
         if flip:
             embedding = embedding + model.embed(torch.flip(images, dims=[3])).float()
-        features.append(torch.nn.functional.normalize(embedding, dim=1).cpu())
+        features.append(embedding.cpu())
         pids.append(batch_pids.numpy())
         camids.append(batch_camids.numpy())
     return torch.cat(features), np.concatenate(pids), np.concatenate(camids)
@@ -330,7 +415,8 @@ def model_settings(args: argparse.Namespace) -> dict:
     return {"backbone": backbone, "ae": ae, "files": {k: str(v) for k, v in files.items()},
             "latent_dim": int(flags.get("latent_dim") or args.latent_dim),
             "img_size": tuple(args.img_size or flags.get("img_size") or (256, 128)),
-            "last_stride": int(flags.get("last_stride") or 1), "num_classes": flags.get("num_classes")}
+            "last_stride": int(flags.get("last_stride") or 1), "num_classes": flags.get("num_classes"),
+            "recon_target": flags.get("recon_target") or "feature"}
 
 
 def load_model(settings: dict, device: torch.device) -> ReIDModel:
@@ -339,7 +425,8 @@ def load_model(settings: dict, device: torch.device) -> ReIDModel:
     num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
     try:
         model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
-                          last_stride=settings["last_stride"], img_size=settings["img_size"])
+                          last_stride=settings["last_stride"], img_size=settings["img_size"],
+                          recon_target=settings["recon_target"])
     except ValueError as err:
         raise UserError(str(err)) from err
     parts = model.parts()
@@ -359,7 +446,7 @@ def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
         if part != "classifier":
             digest.update(sha256_file(settings["files"][part]).encode())
     digest.update(sha256_file(manifest).encode())
-    digest.update(f"{settings['img_size']}{flip}".encode())
+    digest.update(f"{settings['img_size']}{flip}raw".encode())
     return digest.hexdigest()
 
 
@@ -450,11 +537,11 @@ def output_dir(args: argparse.Namespace) -> Path:
 def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace) -> np.ndarray:
     """Query × gallery distances by --metric, re-ranked when --rerank."""
     qf, gf = torch.from_numpy(found["qf"]), torch.from_numpy(found["gf"])
-    q_g = pairwise_distance(qf, gf, args.metric).numpy()
+    q_g = embedding_distance(qf, gf, args.metric).numpy()
     if not args.rerank:
         return q_g
-    q_q = pairwise_distance(qf, qf, args.metric).numpy()
-    g_g = pairwise_distance(gf, gf, args.metric).numpy()
+    q_q = embedding_distance(qf, qf, args.metric).numpy()
+    g_g = embedding_distance(gf, gf, args.metric).numpy()
     return re_ranking(q_g, q_q, g_g, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
 
 

@@ -347,15 +347,55 @@ class Heads(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+RECON_TARGETS = ("feature", "image")
+
+
+def recon_size(img_size: tuple[int, int]) -> tuple[int, int]:
+    """The reduced resolution an image reconstruction is made at: a quarter of the input's side."""
+    return max(img_size[0] // 4, 4), max(img_size[1] // 4, 2)
+
+
+class ImageDecoder(nn.Module):
+    """Latent → image at reduced resolution through transposed convolutions; linear output, as the target is
+    the normalised input (ImageNet statistics), not [0, 1]."""
+
+    def __init__(self, latent_dim: int, size: tuple[int, int], width: int = 128) -> None:
+        super().__init__()
+        stages = 0
+        while stages < 4 and size[0] % 2 ** (stages + 1) == 0 and size[1] % 2 ** (stages + 1) == 0:
+            stages += 1
+        self.start = (size[0] // 2**stages, size[1] // 2**stages)
+        self.width = width
+        self.project = nn.Sequential(nn.Linear(latent_dim, width * self.start[0] * self.start[1]),
+                                     nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        channels = width
+        for _ in range(stages):
+            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1),
+                       nn.BatchNorm2d(channels // 2), nn.ReLU(inplace=True)]
+            channels //= 2
+        layers.append(nn.Conv2d(channels, 3, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        x = self.project(latent).view(-1, self.width, *self.start)
+        return self.layers(x)
+
+
 class ReIDModel(nn.Module):
     """Backbone → autoencoder → (identity classifier, Siamese head); the embedding is the autoencoder's z."""
 
     def __init__(self, backbone_name: str, ae_name: str, num_classes: int, latent_dim: int = 512,
                  pretrained: str | Path | None = None, last_stride: int = 1,
-                 img_size: tuple[int, int] = (256, 128)) -> None:
+                 img_size: tuple[int, int] = (256, 128), recon_target: str = "feature") -> None:
         super().__init__()
+        if recon_target not in RECON_TARGETS:
+            raise ValueError(f"unknown reconstruction target {recon_target!r}: expected {' or '.join(RECON_TARGETS)}")
         self.backbone, self.feat_dim = build_backbone(backbone_name, pretrained, last_stride, img_size)
         self.ae = build_autoencoder(ae_name, self.feat_dim, latent_dim)
+        self.recon_target, self.recon_size = recon_target, recon_size(img_size)
+        if recon_target == "image":  # part of the autoencoder, so it is saved and loaded with it (ae.pt)
+            self.ae.image_decoder = ImageDecoder(self.ae.latent_dim, self.recon_size)
         self.embed_dim = self.ae.latent_dim
         self.classifier = Heads(self.embed_dim, num_classes)
 
@@ -376,7 +416,11 @@ class ReIDModel(nn.Module):
         feat = self.backbone(images)
         out = self.ae(feat)
         out["feat"] = feat
-        # Detached so reconstruction trains the autoencoder without pulling the features towards easy targets.
-        out["recon_target"] = feat.detach() if out["recon"] is not None else None
+        if self.recon_target == "image":
+            out["recon"] = self.ae.image_decoder(out["latent"])
+            out["recon_target"] = F.adaptive_avg_pool2d(images, self.recon_size)
+        else:
+            # Detached so reconstruction trains the autoencoder without pulling the features towards easy targets.
+            out["recon_target"] = feat.detach() if out["recon"] is not None else None
         out["logits"] = self.classifier.identity(out["z"])
         return out

@@ -7,6 +7,7 @@ Several GPUs:   torchrun --nproc_per_node=N train.py ...   (DistributedDataParal
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import signal
@@ -18,18 +19,31 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torchvision
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 import eval as evaluation
-from datasets import PKSampler, build_transforms, eval_loader, load_eval_records, load_train_records, train_loader
+from datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PKSampler,
+    build_transforms,
+    eval_loader,
+    load_eval_records,
+    load_image,
+    load_train_records,
+    train_loader,
+)
 from losses import LossWeights, total_loss
-from model import AE_NAMES, ReIDModel, load_part_state
+from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state
 from utils import (
     CHECKPOINT_FILE,
     LOG,
     AverageMeter,
     UserError,
+    atomic_write_bytes,
     config_record,
     load_torch,
     normalise_flag_spelling,
@@ -47,8 +61,8 @@ from utils import (
 
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
 # Flags that fix the model's shape or the data; a resumed run must keep them.
-RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "batch_p", "batch_k",
-                 "seed", "epochs")
+RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
+                 "batch_p", "batch_k", "seed", "epochs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--latent-dim", type=int, default=512, help="embedding size (ignored by --ae-name none)")
     add("--pretrained", default=None, help="'imagenet' for torchvision/timm weights, or a local state-dict file")
     add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
+    add("--recon-target", choices=RECON_TARGETS, default="feature",
+        help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")
     add("--pre-backbone", type=Path, help="backbone weights: a file or a result directory")
     add("--pre-ae", type=Path, help="autoencoder weights: a file or a result directory")
     add("--pre-classifier", type=Path, help="classifier and Siamese head weights: a file or a result directory")
@@ -188,7 +204,7 @@ class TrainStep(nn.Module):
 def validate(model: ReIDModel, loader, num_query: int, device: torch.device) -> dict[str, float]:
     """mAP, mINP and Rank-1/5 on the validation split, by eval.py's protocol code."""
     features, pids, camids = evaluation.extract_features(model, loader, device, progress=False)
-    distances = evaluation.pairwise_distance(features[:num_query], features[num_query:]).numpy()
+    distances = evaluation.embedding_distance(features[:num_query], features[num_query:]).numpy()
     result = evaluation.evaluate_rank(distances, pids[:num_query], pids[num_query:], camids[:num_query],
                                       camids[num_query:])
     return {"val_mAP": float(result["mAP"]), "val_mINP": float(result["mINP"]),
@@ -220,6 +236,24 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, args) -> dict:
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state
+
+
+@torch.no_grad()
+def write_recon_grid(model: ReIDModel, records, img_size: tuple[int, int], device: torch.device, path: Path) -> None:
+    """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions."""
+    model.eval()
+    transform = build_transforms(img_size, False)
+    images = torch.stack([transform(load_image(r.path)) for r in records]).to(device)
+    out = model(images)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    pixels = (torch.cat([out["recon_target"], out["recon"]]).float() * std + mean).clamp(0, 1)
+    grid = torchvision.utils.make_grid(pixels, nrow=len(records), padding=2, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
+    buffer = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    model.train()
 
 
 def parameter_checksum(model: nn.Module) -> float:
@@ -284,7 +318,8 @@ def train(args: argparse.Namespace) -> dict:
     val_query, val_gallery = load_eval_records(args.data, "val")
     img_size = tuple(args.img_size)
     model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
-                      pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size)
+                      pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size,
+                      recon_target=args.recon_target)
     load_pretrained_parts(model, args)
     use_amp = args.amp and device.type == "cuda"
     if args.amp and not use_amp:
@@ -304,7 +339,8 @@ def train(args: argparse.Namespace) -> dict:
     weights = loss_weights(args)
     step_module: nn.Module = TrainStep(model, weights, args)
     if world > 1:
-        unused = any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
+        unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
+                  or args.recon_target == "image")
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
@@ -393,6 +429,8 @@ def train(args: argparse.Namespace) -> dict:
                     best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
                     save_parts(model.parts(), result_dir)
                 write_jsonl(result_dir / "metrics.jsonl", history)
+            if args.recon_target == "image":
+                write_recon_grid(model, (val_records or records)[:8], img_size, device, result_dir / "recon.png")
                 plot_curves(history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], result_dir / "losses.png",
                             f"{args.backbone_name} + {args.ae_name}")
                 LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "

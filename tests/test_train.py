@@ -172,3 +172,18 @@ def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Path, tmp_path: Path):
+    result = tmp_path / "recon"
+    train.main(["--data", str(learnable), "--result-dir", str(result), "--epochs", "3", "--recon-target", "image",
+                "--lr", "1e-3", *TINY])
+    rows = read_metrics(result)[1:]
+    assert rows[-1]["reconstruction"] < 0.8 * rows[0]["reconstruction"]
+    from PIL import Image
+
+    with Image.open(result / "recon.png") as grid:  # 8 inputs above 8 reconstructions, 16×8 each, ×4, padded
+        assert grid.size == (4 * (8 * (8 + 2) + 2), 4 * (2 * (16 + 2) + 2))
+    model = ReIDModel("resnet18", "vae", 16, latent_dim=64, img_size=(64, 32), recon_target="image")
+    out = model(torch.randn(4, 3, 64, 32))
+    assert out["recon"].shape == out["recon_target"].shape == (4, 3, 16, 8)
