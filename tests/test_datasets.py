@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_market_tree
 from PIL import Image
 
 import datasets
+from conftest import make_market_tree
 from datasets import (
     ImageRecord,
     PKSampler,

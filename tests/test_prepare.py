@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_market_tree
 
 import prepare
+from conftest import ROOT, make_market_tree
 from datasets import load_eval_records, load_manifest, load_train_records
 from utils import UserError
 
