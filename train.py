@@ -429,8 +429,8 @@ def train(args: argparse.Namespace) -> dict:
                     best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
                     save_parts(model.parts(), result_dir)
                 write_jsonl(result_dir / "metrics.jsonl", history)
-            if args.recon_target == "image":
-                write_recon_grid(model, (val_records or records)[:8], img_size, device, result_dir / "recon.png")
+                if args.recon_target == "image":
+                    write_recon_grid(model, (val_records or records)[:8], img_size, device, result_dir / "recon.png")
                 plot_curves(history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], result_dir / "losses.png",
                             f"{args.backbone_name} + {args.ae_name}")
                 LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "
