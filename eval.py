@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -545,40 +546,88 @@ def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace) ->
     return re_ranking(q_g, q_q, g_g, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
 
 
-def prepare_evaluation(args: argparse.Namespace) -> tuple[dict, Path, Path, dict[str, np.ndarray], np.ndarray]:
-    """Model settings, data root, output folder, features and distances: what eval.py and topk.py share."""
+@dataclass
+class EvaluationInputs:
+    """What eval.py and topk.py share: the model and its settings, the data root, the split's features (flipped
+    when --flip) and the query × gallery distances they rank by."""
+
+    settings: dict
+    prepared: Path
+    model: ReIDModel
+    device: torch.device
+    found: dict[str, np.ndarray]
+    distances: np.ndarray
+
+
+def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, prepared: Path,
+                    device: torch.device, cache_dir: Path, flip: bool) -> dict[str, np.ndarray]:
+    """The split's features, cached as features_<split>[_flip].npz in `cache_dir` unless --no-cache."""
+    cache = None if args.no_cache else cache_dir / f"features_{args.split}{'_flip' if flip else ''}.npz"
+    return split_features(model, settings, prepared, args.split, flip, device, cache, args.batch_size,
+                          args.workers)
+
+
+def prepare_evaluation(args: argparse.Namespace, cache_dir: Path) -> EvaluationInputs:
+    """Load the model, embed the split (or read the cache in `cache_dir`) and compute the ranking distances."""
     settings = model_settings(args)
-    prepared, out = dataset_root(args), output_dir(args)
-    device = resolve_device(args.device)
+    prepared, device = dataset_root(args), resolve_device(args.device)
     model = load_model(settings, device)
-    cache = None if args.no_cache else out / f"features_{args.split}{'_flip' if args.flip else ''}.npz"
-    found = split_features(model, settings, prepared, args.split, args.flip, device, cache, args.batch_size,
-                           args.workers)
-    return settings, prepared, out, found, ranking_distances(found, args)
+    found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip)
+    return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args))
 
 
-def plot_cmc(cmc: np.ndarray, path: Path, label: str) -> None:
-    """The CMC curve, rank 1..len(cmc)."""
+def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> dict[str, np.ndarray]:
+    """The split's features without test-time flipping, as the Siamese head is scored and ranks."""
+    if not args.flip:
+        return inputs.found
+    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False)
+
+
+def plot_xy(x: np.ndarray, y: np.ndarray, path: Path, title: str, xlabel: str, ylabel: str, label: str,
+            percent: bool = False) -> None:
+    """One labelled curve, written atomically as PNG (CMC, ROC and PR curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ranks = np.arange(1, len(cmc) + 1)
-    ax.plot(ranks, cmc * 100, marker="o", markersize=2, label=label)
-    ax.set_xlabel("rank")
-    ax.set_ylabel("matching rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xlim(1, len(cmc))
+    scale = 100 if percent else 1
+    ax.plot(x, y * scale, marker="o" if len(x) <= 60 else None, markersize=2, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (%)" if percent else ""))
+    ax.set_ylim(0, scale * 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("CMC")
+    ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@torch.no_grad()
+def verification_report(model: ReIDModel, found: dict[str, np.ndarray], num_pairs: int, threshold: float,
+                        out: Path, device: torch.device) -> dict:
+    """Score the Siamese head on balanced pairs of the split's images; write roc.png and pr.png."""
+    same_sets = np.array_equal(found["q_files"], found["g_files"])  # all-against-all splits
+    feats = found["gf"] if same_sets else np.concatenate([found["qf"], found["gf"]])
+    pids = found["g_pids"] if same_sets else np.concatenate([found["q_pids"], found["g_pids"]])
+    idx_i, idx_j, labels = verification_pairs(pids, num_pairs)
+    z = torch.from_numpy(feats).to(device)
+    model.eval()
+    logits = torch.cat([model.verify(z[idx_i[s:s + 4096]], z[idx_j[s:s + 4096]]).float().cpu()
+                        for s in range(0, len(idx_i), 4096)])
+    probs = torch.sigmoid(logits).numpy()
+    result = verification_metrics(probs, labels, threshold)
+    curve = threshold_curve(probs, labels)
+    tpr, fpr = curve["tp"] / labels.sum(), curve["fp"] / (~labels).sum()
+    plot_xy(np.r_[0, fpr], np.r_[0, tpr], out / "roc.png", "Siamese head: ROC", "false positive rate",
+            "true positive rate", f"AUC {result['roc_auc']:.3f}")
+    plot_xy(np.r_[0, tpr], np.r_[1, curve["tp"] / (curve["tp"] + curve["fp"])], out / "pr.png",
+            "Siamese head: precision-recall", "recall", "precision", f"AP {result['pr_auc']:.3f}")
+    return result
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -588,6 +637,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ap-mode", choices=("standard", "devkit"), default="standard",
                         help="standard: non-interpolated AP (torchreid, fast-reid); devkit: Market-1501 devkit's")
     parser.add_argument("--max-rank", type=int, default=50)
+    parser.add_argument("--verify-pairs", type=int, default=4000,
+                        help="balanced same/different pairs to score the Siamese head on (0: skip)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="same-person probability threshold")
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.all_dir is None and args.backbone_dir is None:
         parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
@@ -597,7 +649,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    settings, prepared, out, found, distances = prepare_evaluation(args)
+    out = output_dir(args)
+    inputs = prepare_evaluation(args, out)
+    settings, prepared, found, distances = inputs.settings, inputs.prepared, inputs.found, inputs.distances
     try:
         result = evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
                                max_rank=args.max_rank, ap_mode=args.ap_mode)
@@ -616,8 +670,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "sha256": sha256_file(manifest_path(prepared, args.split))},
         "versions": versions(),
     }
+    if "classifier" in settings["files"] and args.verify_pairs > 0:
+        try:
+            report["verification"] = verification_report(inputs.model, unaugmented_features(inputs, args, out),
+                                                         args.verify_pairs, args.threshold, out, inputs.device)
+        except ValueError as err:
+            LOG.warning("warning: no verification metrics: %s", err)
     write_json(out / "results.json", report)
-    plot_cmc(cmc, out / "cmc.png", f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%")
+    plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
+            f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)
     LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s", settings["backbone"], settings["ae"],
              args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
              ", flip" if args.flip else "", ", re-ranked" if args.rerank else "")
@@ -625,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for k in (1, 5, 10):
         if f"rank{k}" in report:
             LOG.info("  Rank-%-2d %6.2f%%", k, 100 * report[f"rank{k}"])
+    if "verification" in report:
+        v = report["verification"]
+        LOG.info("  Siamese head on %d pairs: accuracy %.2f%%, F1 %.3f, ROC AUC %.3f, PR AUC %.3f", v["pairs"],
+                 100 * v["accuracy"], v["f1"], v["roc_auc"], v["pr_auc"])
     LOG.info("results in %s", out / "results.json")
     return report
 

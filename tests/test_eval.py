@@ -243,3 +243,22 @@ def test_a_part_that_does_not_fit_is_named(tiny_run: Path, tmp_path: Path):
     save_torch(build_autoencoder("vae", 512, 16).state_dict(), tmp_path / "ae.pt")
     with pytest.raises(UserError, match=r"ae.pt: does not fit resnet18 \+ vae"):
         evaluation.main(["--all-dir", str(tiny_run), "--ae_dir", str(tmp_path / "ae.pt"), "--no-cache"])
+
+
+def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_path: Path):
+    report = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "300",
+                              "--threshold", "0.4", "--flip", "--out", str(tmp_path)])
+    stored = json.loads((tmp_path / "results.json").read_text())["verification"]
+    assert stored == report["verification"]
+    assert (tmp_path / "roc.png").is_file() and (tmp_path / "pr.png").is_file()
+    model = evaluation.load_model(report["model"], torch.device("cpu"))
+    with np.load(tmp_path / "features_test.npz") as plain:  # the unflipped features, extracted for the head
+        feats = np.concatenate([plain["qf"], plain["gf"]])
+        pids = np.concatenate([plain["q_pids"], plain["g_pids"]])
+    idx_i, idx_j, labels = evaluation.verification_pairs(pids, 300)
+    with torch.no_grad():
+        logits = model.verify(torch.from_numpy(feats[idx_i]), torch.from_numpy(feats[idx_j]))
+    expected = evaluation.verification_metrics(torch.sigmoid(logits).numpy(), labels, 0.4)
+    assert stored["pairs"] == 300 and stored["confusion"]["tp"] + stored["confusion"]["fn"] == 150
+    assert stored.pop("confusion") == expected.pop("confusion")
+    assert stored == pytest.approx(expected)
