@@ -28,6 +28,8 @@ demo: $(STAMP)
 	test -f $(RUN)/summary.json || $(PY) train.py --data $(PREPARED) --result-dir $(RUN) $(DEMO_TRAIN) \
 		$$(test -f $(RUN)/checkpoint.pt && echo --resume)
 	$(PY) eval.py --all-dir $(RUN)
+	$(PY) topk.py --all-dir $(RUN) --k 10
+	@echo "top-k grids: $(RUN)/topk/index.html"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -514,7 +514,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=2)
     add("--device", default="auto")
     add("--no-cache", action="store_true", help="always extract features, never read or write the .npz cache")
-    add("--out", type=Path, help="output folder (default RESULT_DIR/eval, or eval_<split> for other splits)")
+    add("--out", type=Path, help="output folder (default RESULT_DIR/eval for eval.py, RESULT_DIR/topk for topk.py; "
+        "<name>_<split> for splits other than test)")
 
 
 def dataset_root(args: argparse.Namespace) -> Path:
@@ -527,12 +528,15 @@ def dataset_root(args: argparse.Namespace) -> Path:
     raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
 
 
-def output_dir(args: argparse.Namespace) -> Path:
-    """Where results go: --out, else beside the model."""
-    if args.out is not None:
-        return args.out
+def result_folder(args: argparse.Namespace, name: str) -> Path:
+    """RESULT_DIR/<name> beside the model (<name>_<split> for splits other than test)."""
     base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
-    return Path(base) / ("eval" if args.split == "test" else f"eval_{args.split}")
+    return Path(base) / (name if args.split == "test" else f"{name}_{args.split}")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where eval.py's results and feature cache go: --out, else RESULT_DIR/eval."""
+    return args.out if args.out is not None else result_folder(args, "eval")
 
 
 def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace) -> np.ndarray:

@@ -56,3 +56,15 @@ def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "--test-ids", "6", "--cameras", "3", "--images-per-camera", "3", "--height", "64", "--width", "32",
                   "--distractors", "6", "--junk", "3", "--val-ids", "2", "--quiet"])
     return base / "prepared"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet18 + vae trained for one epoch on the tiny synthetic set: a result directory for eval.py and topk.py."""
+    import train
+
+    result = tmp_path_factory.mktemp("eval_runs") / "run"
+    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+                "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
+                "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
+    return result

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eval as evaluation
-import train
 from eval import evaluate_rank, pairwise_distance, re_ranking
 from utils import UserError, save_torch
 
@@ -196,15 +195,6 @@ def test_re_ranking_equals_the_direct_algorithm(k1, k2, lambda_value):
 # ---------------------------------------------------------------------------------------------------------
 # The command line on a model trained for one epoch
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    result = tmp_path_factory.mktemp("eval_runs") / "run"
-    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
-                "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
-                "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
-    return result
 
 
 def test_cli_writes_results_equal_to_the_metrics_of_its_features(tiny_run: Path):

@@ -1,0 +1,246 @@
+"""Ranked gallery images for queries: one grid a query, ranks.csv and an index.html to look at them.
+
+python topk.py --all-dir runs/demo                           # 8 random queries, in runs/demo/topk/
+python topk.py --all-dir runs/demo --queries worst:10 --show-removed
+python topk.py --all-dir runs/demo --score verifier --queries 0003_c1s1_000002_00.jpg
+
+It ranks exactly as eval.py does (same features, cache, metric, re-ranking and protocol), so a grid shows what
+eval.py counted: gallery images of the query's person seen by the query's camera, and junk, are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import html
+import io
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
+
+import eval as evaluation
+from datasets import JUNK_PID
+from utils import LOG, UserError, atomic_write_bytes, config_record, normalise_flag_spelling, setup_logging, write_json
+
+BORDER = 3  # frame width around each image, pixels
+GAP = 4  # space between tiles
+CAPTION = 26  # caption band under each tile: two lines of the default font
+COLOURS = {"query": (40, 90, 230), "match": (0, 170, 0), "mismatch": (215, 0, 0), "removed": (150, 150, 150)}
+SELF, SAME_CAMERA, JUNK = "the query itself", "same camera", "junk"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranking: scores, the protocol's removals, the shown items
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def verifier_probabilities(model, qf: np.ndarray, gf: np.ndarray, device: torch.device,
+                           pairs_per_chunk: int = 1 << 18) -> np.ndarray:
+    """Same-person probability by the Siamese head for every query × gallery pair."""
+    gallery = torch.from_numpy(gf).to(device)
+    rows = max(1, pairs_per_chunk // len(gf))
+    probs = np.empty((len(qf), len(gf)), dtype=np.float32)
+    for start in tqdm(range(0, len(qf), rows), desc="verifier", unit="chunk", leave=False):
+        query = torch.from_numpy(qf[start:start + rows]).to(device)
+        z_i = query.repeat_interleave(len(gf), dim=0)
+        z_j = gallery.repeat(len(query), 1)
+        probs[start:start + rows] = torch.sigmoid(model.verify(z_i, z_j).float()).view(len(query), -1).cpu().numpy()
+    return probs
+
+
+def removal_reasons(q_pid: int, q_cam: int, q_file: str, g_pids: np.ndarray, g_camids: np.ndarray,
+                    g_files: np.ndarray) -> np.ndarray:
+    """Why the protocol drops each gallery item for one query ('' when kept)."""
+    reasons = np.full(len(g_pids), "", dtype=object)
+    reasons[(g_pids == q_pid) & (g_camids == q_cam)] = SAME_CAMERA
+    reasons[g_pids == JUNK_PID] = JUNK
+    reasons[g_files == q_file] = SELF
+    return reasons
+
+
+def shown_items(distances: np.ndarray, reasons: np.ndarray, k: int, show_removed: bool) -> np.ndarray:
+    """Gallery indices of a query's row, closest first: the top k kept ones, or with `show_removed` the first k
+    of the whole order, removed ones included. The query itself is never shown."""
+    order = np.argsort(distances, kind="stable")
+    keep = reasons[order] != SELF if show_removed else reasons[order] == ""
+    return order[keep][:k]
+
+
+def choose_queries(spec: Sequence[str], q_files: np.ndarray, ap: np.ndarray, seed: int) -> list[int]:
+    """Query indices from `--queries`: file names, `random:N` or `worst:N` (the N lowest-AP valid queries)."""
+    if len(spec) == 1 and (found := re.fullmatch(r"(random|worst):(\d+)", spec[0])):
+        count = int(found.group(2))
+        if found.group(1) == "random":
+            rng = np.random.default_rng(seed)
+            return sorted(int(i) for i in rng.choice(len(q_files), size=min(count, len(q_files)), replace=False))
+        valid = np.flatnonzero(~np.isnan(ap))
+        return [int(i) for i in valid[np.argsort(ap[valid], kind="stable")][:count]]
+    names = {**{Path(f).name: i for i, f in enumerate(q_files)}, **{str(f): i for i, f in enumerate(q_files)}}
+    chosen = []
+    for name in spec:
+        if name not in names:
+            nearest = difflib.get_close_matches(Path(name).name, [Path(f).name for f in q_files], n=3, cutoff=0.0)
+            raise UserError(f"--queries {name}: not in the query set; nearest: {', '.join(nearest)} "
+                            "(or give random:N or worst:N)")
+        chosen.append(names[name])
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures: tiles, grids, the index page
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tile(image: Image.Image, colour: tuple[int, int, int], lines: Sequence[str], img_size: tuple[int, int],
+         greyed: bool = False) -> Image.Image:
+    """One image resized to img_size (H, W), framed in `colour`, with a caption band underneath."""
+    height, width = img_size
+    picture = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    if greyed:
+        picture = Image.blend(ImageOps.grayscale(picture).convert("RGB"), Image.new("RGB", picture.size, "white"), 0.5)
+    canvas = Image.new("RGB", (width + 2 * BORDER, height + 2 * BORDER + CAPTION), "white")
+    canvas.paste(colour, (0, 0, width + 2 * BORDER, height + 2 * BORDER))
+    canvas.paste(picture, (BORDER, BORDER))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for line_number, line in enumerate(lines[:2]):
+        draw.text((1, height + 2 * BORDER + 1 + 12 * line_number), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def grid(tiles: Sequence[Image.Image]) -> Image.Image:
+    """Tiles side by side, GAP pixels apart."""
+    width, height = tiles[0].size
+    canvas = Image.new("RGB", (len(tiles) * width + (len(tiles) - 1) * GAP, height), "white")
+    for position, picture in enumerate(tiles):
+        canvas.paste(picture, (position * (width + GAP), 0))
+    return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def index_page(title: str, summary: str, entries: Sequence[dict]) -> str:
+    """A self-contained HTML page showing every grid with its query's AP; relative links, so it opens from disk."""
+    blocks = []
+    for entry in entries:
+        ap = "skipped: no true match left" if entry["ap"] is None else f"AP {100 * entry['ap']:.1f}%"
+        blocks.append(f'<figure><figcaption>{html.escape(entry["query"])} · identity {entry["pid"]}, camera '
+                      f'{entry["camid"]} · {ap}</figcaption><img src="{html.escape(entry["grid"])}" '
+                      f'alt="{html.escape(entry["query"])}"></figure>')
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
+            "body{font-family:sans-serif;margin:1em}figure{margin:0 0 1.2em 0}"
+            "figcaption{margin-bottom:.3em}img{image-rendering:pixelated;max-width:100%}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>\n" + "\n".join(blocks) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """topk.py's flags: eval.py's model and data flags plus what to show; `--flag_name` works too."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_model_flags(parser)
+    parser.add_argument("--k", type=int, default=10, help="gallery images a query")
+    parser.add_argument("--queries", nargs="+", default=["random:8"],
+                        help="query file names, random:N, or worst:N (the N lowest-AP queries)")
+    parser.add_argument("--score", choices=("distance", "verifier"), default="distance",
+                        help="rank by embedding distance (as eval.py) or by the Siamese head's same-person probability")
+    parser.add_argument("--show-removed", action="store_true",
+                        help="also show, greyed, the gallery images the protocol leaves out (same camera, junk)")
+    parser.add_argument("--seed", type=int, default=0, help="for random:N")
+    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.all_dir is None and args.backbone_dir is None:
+        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    if args.k < 1:
+        parser.error(f"--k {args.k}: expected a positive number of gallery images")
+    return args
+
+
+def ranking(inputs: evaluation.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
+    """Query × gallery distances to rank by: eval.py's, or 1 − the Siamese head's probability."""
+    if args.score == "distance":
+        return inputs.distances
+    if "classifier" not in inputs.settings["files"]:
+        raise UserError("--score verifier: needs the Siamese head (classifier.pt in --all-dir, or --classifier_dir)")
+    plain = evaluation.unaugmented_features(inputs, args, cache_dir)
+    return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    out = args.out if args.out is not None else evaluation.result_folder(args, "topk")
+    cache_dir = evaluation.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
+    inputs = evaluation.prepare_evaluation(args, cache_dir)
+    found, prepared = inputs.found, inputs.prepared
+    distances = ranking(inputs, args, cache_dir)
+    try:
+        result = evaluation.evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"],
+                                          found["g_camids"])
+    except ValueError as err:
+        raise UserError(f"split '{args.split}' of {prepared}: {err}") from err
+    chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
+    score_name = "distance" if args.score == "distance" else "probability"
+    img_size = tuple(inputs.settings["img_size"])
+    rows, entries = [], []
+    for q in tqdm(chosen, desc="grids", unit="query"):
+        reasons = removal_reasons(found["q_pids"][q], found["q_camids"][q], found["q_files"][q], found["g_pids"],
+                                  found["g_camids"], found["g_files"])
+        ap = None if np.isnan(result["ap"][q]) else float(result["ap"][q])
+        tiles = [tile(Image.open(prepared / found["q_files"][q]), COLOURS["query"],
+                      [f"Q {found['q_pids'][q]} c{found['q_camids'][q]}", "skipped" if ap is None else
+                       f"AP {100 * ap:.1f}%"], img_size)]
+        rank = 0
+        for g in shown_items(distances[q], reasons, args.k, args.show_removed):
+            removed = reasons[g]
+            rank += not removed
+            match = bool(found["g_pids"][g] == found["q_pids"][q]) and found["g_pids"][g] > 0
+            score = float(distances[q, g]) if args.score == "distance" else 1.0 - float(distances[q, g])
+            colour = COLOURS["removed"] if removed else COLOURS["match" if match else "mismatch"]
+            head = f"{'-' if removed else f'#{rank}'} {found['g_pids'][g]} c{found['g_camids'][g]}"
+            tiles.append(tile(Image.open(prepared / found["g_files"][g]), colour,
+                              [head, f"{score_name[0]} {score:.3f}"], img_size, greyed=bool(removed)))
+            rows.append({"query": found["q_files"][q], "rank": "" if removed else rank, "gallery": found["g_files"][g],
+                         "pid": int(found["g_pids"][g]), "camid": int(found["g_camids"][g]),
+                         score_name: f"{score:.6f}", "match": int(match), "removed": removed})
+        grid_name = f"grids/{Path(found['q_files'][q]).with_suffix('').as_posix().replace('/', '_')}.png"
+        atomic_write_bytes(out / grid_name, png_bytes(grid(tiles)))
+        entries.append({"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
+                        "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["query", "rank", "gallery", "pid", "camid", score_name, "match",
+                                              "removed"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "ranks.csv", text.getvalue().encode())
+    settings = inputs.settings
+    title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} by {args.score} on {args.split}"
+    summary = (f"mAP {100 * result['mAP']:.1f}% and Rank-1 {100 * result['cmc'][0]:.1f}% over "
+               f"{result['num_valid_queries']} queries by this ranking. Frames: blue the query, green the same "
+               "person, red another" + (", grey left out by the protocol (same camera or junk)."
+                                         if args.show_removed else "."))
+    atomic_write_bytes(out / "index.html", index_page(title, summary, entries).encode())
+    report = config_record(args, model=settings, mAP=result["mAP"], rank1=float(result["cmc"][0]), queries=entries)
+    write_json(out / "topk.json", report)
+    LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")
