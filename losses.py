@@ -1,4 +1,5 @@
-"""Losses on a P×K batch: triplet, identity, KL, reconstruction, sparsity, Siamese BCE; their weighted sum."""
+"""Losses on a P×K batch: triplet, identity, KL, reconstruction, sparsity, Siamese BCE; their weighted sum
+and the balancing of its weights (fixed, learned uncertainty, GradNorm)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 SPARSITY_MODES = ("kl", "l1")
 # Keeps log ρ̂ and log(1 − ρ̂) finite when a unit is always off or always on in the batch.
@@ -72,10 +73,12 @@ def sparsity_l1(code: Tensor) -> Tensor:
 
 
 def mine_pairs(labels: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Balanced pairs (idx_i, idx_j, target) in a batch: every positive pair i < j, as many hardest negatives.
+    """Balanced pairs (idx_i, idx_j, target) in a batch: every positive pair i < j, as many negatives.
 
-    Negatives are the closest different-identity pairs by embedding distance; target is 1.0 for same-identity.
-    When there are fewer negatives than positives, the farthest positives are kept, so counts stay equal.
+    Half the negatives (rounded up) are the closest different-identity pairs by embedding distance, the rest
+    drawn at random from the others: with hard negatives only, the head learns that nearness means a stranger
+    and ranks random pairs backwards. Target is 1.0 for same-identity. With fewer negatives than positives the
+    farthest positives are kept, so counts stay equal.
     """
     with torch.no_grad():
         dist = pairwise_distances(z.detach().float())
@@ -85,9 +88,12 @@ def mine_pairs(labels: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         neg_i, neg_j = torch.nonzero(~same & upper, as_tuple=True)
         n = min(len(pos_i), len(neg_i))
         hard_pos = dist[pos_i, pos_j].argsort(descending=True)[:n]
-        hard_neg = dist[neg_i, neg_j].argsort()[:n]
-    idx_i = torch.cat([pos_i[hard_pos], neg_i[hard_neg]])
-    idx_j = torch.cat([pos_j[hard_pos], neg_j[hard_neg]])
+        by_distance = dist[neg_i, neg_j].argsort()
+        hard = (n + 1) // 2
+        rest = by_distance[hard:]
+        chosen_neg = torch.cat([by_distance[:hard], rest[torch.randperm(len(rest), device=rest.device)[:n - hard]]])
+    idx_i = torch.cat([pos_i[hard_pos], neg_i[chosen_neg]])
+    idx_j = torch.cat([pos_j[hard_pos], neg_j[chosen_neg]])
     target = torch.cat([torch.ones(n, device=z.device), torch.zeros(n, device=z.device)])
     return idx_i, idx_j, target
 
@@ -146,3 +152,113 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
     total = sum((getattr(weights, name) * term for name, term in terms.items()), z.sum() * 0.0)
     return total, terms
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Balancing the terms: fixed weights, learned uncertainty (Kendall et al. 2018), GradNorm (Chen et al. 2018)
+# ---------------------------------------------------------------------------------------------------------
+
+BALANCE_MODES = ("fixed", "uncertainty", "gradnorm")
+# GradNorm weights are kept at least this large before renormalising, so none turns negative or reaches 0.
+MIN_GRADNORM_WEIGHT = 1e-4
+
+
+def uncertainty_total(losses: Tensor, log_vars: Tensor, prior: Tensor) -> Tensor:
+    """Σ prior_i·(exp(−s_i)·L_i + s_i): a term with a large learned log-variance s_i counts less; the + s_i
+    keeps s from growing without bound. At its optimum exp(−s_i) = 1/L_i."""
+    return (prior * (torch.exp(-log_vars) * losses + log_vars)).sum()
+
+
+def renormalise(weights: Tensor) -> Tensor:
+    """Positive weights rescaled to sum to their count, GradNorm's constraint."""
+    weights = weights.clamp_min(MIN_GRADNORM_WEIGHT)
+    return weights * (len(weights) / weights.sum())
+
+
+def gradnorm_targets(norms: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float) -> Tensor:
+    """Each term's target gradient norm: the mean norm × (its loss ratio L/L₀ over the mean ratio)^α, a constant."""
+    ratios = losses / initial_losses
+    return (norms.mean() * (ratios / ratios.mean()) ** alpha).detach()
+
+
+def gradnorm_loss(weights: Tensor, raw_norms: Tensor, losses: Tensor, initial_losses: Tensor,
+                  alpha: float) -> Tensor:
+    """Σ_i |w_i·‖∇_W L_i‖ − target_i|, whose gradient moves each weight towards its term's target norm.
+
+    ‖∇_W (w_i·L_i)‖ = w_i·‖∇_W L_i‖ for a scalar w_i > 0, so the raw norms can be constants: the gradient in
+    w is the one a second-order graph (create_graph=True) gives, without building it.
+    """
+    norms = weights * raw_norms
+    return (norms - gradnorm_targets(norms.detach(), losses, initial_losses, alpha)).abs().sum()
+
+
+def grad_norm(loss: Tensor, shared: Tensor) -> Tensor:
+    """‖∇_shared loss‖, keeping the graph for the other terms and the backward pass (0 if loss ignores it)."""
+    (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+    return torch.zeros((), device=shared.device) if grad is None else grad.detach().float().norm()
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+class LossBalancer(nn.Module):
+    """The weights of the active terms: fixed at the flags, learned log-variances, or adapted by GradNorm.
+
+    `prior` holds each active term's weight flag: the weight itself (fixed), the scale of the term's whole
+    uncertainty objective (uncertainty: weight prior·exp(−s), s from 0), or the starting weights rescaled to
+    sum to the number of terms (gradnorm).
+    """
+
+    def __init__(self, mode: str, prior: dict[str, float], alpha: float = 1.5) -> None:
+        super().__init__()
+        if mode not in BALANCE_MODES:
+            raise ValueError(f"unknown balance mode {mode!r}: expected one of {', '.join(BALANCE_MODES)}")
+        if not prior or min(prior.values()) <= 0:
+            raise ValueError(f"balancing needs at least one term, every weight positive; got {prior}")
+        self.mode, self.names, self.alpha = mode, tuple(prior), alpha
+        self.register_buffer("prior", torch.tensor(list(prior.values()), dtype=torch.float32))
+        if mode == "uncertainty":
+            self.log_vars = nn.Parameter(torch.zeros(len(prior)))
+        if mode == "gradnorm":
+            self.weights = nn.Parameter(renormalise(self.prior.clone()))
+            # L₀ of each term, measured at the first step; zeros until then. Kept in the state for --resume.
+            self.register_buffer("initial_losses", torch.zeros(len(prior)))
+
+    def stack(self, terms: dict[str, Tensor]) -> Tensor:
+        """The active terms as one float32 vector, in the balancer's order."""
+        missing = [name for name in self.names if name not in terms]
+        if missing:
+            raise RuntimeError(f"the balancer expects terms {missing} that the losses did not compute")
+        return torch.stack([terms[name].float() for name in self.names])
+
+    def current(self) -> Tensor:
+        """The weight each term gets now (no gradient)."""
+        with torch.no_grad():
+            if self.mode == "uncertainty":
+                return self.prior * torch.exp(-self.log_vars)
+            return self.weights.detach().clone() if self.mode == "gradnorm" else self.prior.clone()
+
+    def forward(self, terms: dict[str, Tensor]) -> Tensor:
+        """The total loss the network minimises: Σ w_i·L_i (plus Σ prior_i·s_i for uncertainty)."""
+        losses = self.stack(terms)
+        if self.mode == "uncertainty":
+            return uncertainty_total(losses, self.log_vars, self.prior)
+        weights = self.weights.detach() if self.mode == "gradnorm" else self.prior  # GradNorm trains w apart
+        return (weights * losses).sum()
+
+    def gradnorm_grad(self, terms: dict[str, Tensor], shared: Tensor, average=_same) -> Tensor:
+        """The gradient of GradNorm's loss in the weights; `average` makes L₀ and the gradient agree across ranks."""
+        losses = self.stack(terms).detach()
+        if not self.initial_losses.any():
+            self.initial_losses.copy_(average(losses).clamp_min(1e-8))
+        raw_norms = torch.stack([grad_norm(terms[name], shared) for name in self.names])
+        loss = gradnorm_loss(self.weights, raw_norms, losses, self.initial_losses, self.alpha)
+        (grad,) = torch.autograd.grad(loss, self.weights)
+        return average(grad)
+
+    @torch.no_grad()
+    def renormalise_(self) -> None:
+        """After each optimiser step: GradNorm weights back to positive values summing to the number of terms."""
+        if self.mode == "gradnorm":
+            self.weights.copy_(renormalise(self.weights))

@@ -36,7 +36,7 @@ from datasets import (
     load_train_records,
     train_loader,
 )
-from losses import LossWeights, total_loss
+from losses import BALANCE_MODES, LossBalancer, LossWeights, total_loss
 from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state
 from utils import (
     CHECKPOINT_FILE,
@@ -62,7 +62,7 @@ from utils import (
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
 # Flags that fix the model's shape or the data; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
-                 "batch_p", "batch_k", "seed", "epochs")
+                 "batch_p", "batch_k", "seed", "epochs", "balance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reconstruction", type=float, default=1.0, help="weight of the reconstruction loss")
     add("--sparsity", type=float, default=None, help="weight of the sparsity loss (default 1e-3 for sae, else 0)")
     add("--bce", type=float, default=1.0, help="weight of the Siamese binary cross-entropy")
+    add("--balance", choices=BALANCE_MODES, default="fixed",
+        help="fixed: the weight flags as given; uncertainty: learned log-variance s per term, weight w·exp(-s) "
+        "(Kendall et al.; the flag w scales the term's whole objective); gradnorm: weights adapted so the terms' "
+        "gradient norms on a shared layer train at similar rates (Chen et al.), starting from the flags rescaled "
+        "to sum to the number of terms. In every mode a weight of 0 keeps its term off")
+    add("--lr-balance", type=float, default=1e-2, help="learning rate of the uncertainty or GradNorm weights")
+    add("--gradnorm-alpha", type=float, default=1.5, help="GradNorm's α: how hard slow terms are pushed")
     add("--margin", type=float, default=0.3, help="triplet margin (0: soft margin)")
     add("--label-smoothing", type=float, default=0.1)
     add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
@@ -125,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
     if args.result_dir is None:
         args.result_dir = Path("runs") / f"{args.backbone_name.replace(':', '_')}_{args.ae_name}"
-    for name in ("lr", "lr_classifier", "epochs", "batch_p", "batch_k", "latent_dim"):
+    for name in ("lr", "lr_classifier", "lr_balance", "epochs", "batch_p", "batch_k", "latent_dim"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
     for name in LOSS_TERMS:
@@ -133,6 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} {getattr(args, name)}: a loss weight cannot be negative")
     if not any(getattr(args, name) > 0 for name in LOSS_TERMS):
         parser.error("every loss weight is 0: nothing to train")
+    if args.gradnorm_alpha < 0:
+        parser.error(f"--gradnorm-alpha {args.gradnorm_alpha}: expected 0 or more")
     if args.ae_name not in AE_NAMES:
         parser.error(f"--ae-name {args.ae_name}: expected one of {', '.join(AE_NAMES)}")
     return args
@@ -141,6 +150,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def loss_weights(args: argparse.Namespace) -> LossWeights:
     """The weight flags as a LossWeights."""
     return LossWeights(**{name: getattr(args, name) for name in LOSS_TERMS})
+
+
+def active_terms(weights: LossWeights, ae_name: str, recon_target: str) -> dict[str, float]:
+    """The terms total_loss computes for this model, with their weight flags: weighted above 0 and produced by it."""
+    produced = {"kl": ae_name == "vae", "sparsity": ae_name == "sae",
+                "reconstruction": ae_name != "none" or recon_target == "image"}
+    return {name: getattr(weights, name) for name in LOSS_TERMS
+            if getattr(weights, name) > 0 and produced.get(name, True)}
+
+
+def build_balancer(args: argparse.Namespace, weights: LossWeights) -> LossBalancer:
+    """The --balance mode over the active terms; an error naming the flag when none is active."""
+    prior = active_terms(weights, args.ae_name, args.recon_target)
+    if not prior:
+        raise UserError(f"--balance {args.balance}: no loss term is active for --ae-name {args.ae_name} "
+                        "(every weight of a term it computes is 0)")
+    return LossBalancer(args.balance, prior, args.gradnorm_alpha)
+
+
+def shared_layer(model: ReIDModel) -> torch.Tensor:
+    """GradNorm's shared weights: the autoencoder encoder's first layer (every term passes through it), or,
+    without an autoencoder, the backbone's last weight matrix or kernel."""
+    encoder = getattr(model.ae, "encoder", None)
+    if encoder is not None:
+        return encoder[0].weight
+    return [p for p in model.backbone.parameters() if p.dim() >= 2][-1]
+
+
+def weight_record(balancer: LossBalancer) -> dict[str, float]:
+    """The weight each active term gets now, as weight_<term>, for metrics.jsonl."""
+    return {f"weight_{name}": float(w) for name, w in zip(balancer.names, balancer.current(), strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,13 +202,17 @@ def load_pretrained_parts(model: ReIDModel, args: argparse.Namespace) -> None:
             LOG.info("loaded %s from %s", part, path)
 
 
-def build_optimizer(model: ReIDModel, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """Adam with two groups: backbone and autoencoder at --lr, classifier and Siamese head at --lr-classifier."""
+def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBalancer) -> torch.optim.Optimizer:
+    """Adam with two groups: backbone and autoencoder at --lr, classifier and Siamese head at --lr-classifier;
+    and a third, without weight decay, for learned loss weights at --lr-balance."""
     parts = model.parts()
     features = [p for name in ("backbone", "ae") for p in parts[name].parameters() if p.requires_grad]
     heads = [p for p in parts["classifier"].parameters() if p.requires_grad]
     groups = [{"params": features, "lr": args.lr, "name": "lr"},
               {"params": heads, "lr": args.lr_classifier, "name": "lr_classifier"}]
+    if list(balancer.parameters()):
+        groups.append({"params": list(balancer.parameters()), "lr": args.lr_balance, "name": "lr_balance",
+                       "weight_decay": 0.0})
     return torch.optim.Adam(groups, weight_decay=args.weight_decay)
 
 
@@ -185,15 +229,27 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, mi
 class TrainStep(nn.Module):
     """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use."""
 
-    def __init__(self, model: ReIDModel, weights: LossWeights, args: argparse.Namespace):
+    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace):
         super().__init__()
-        self.model, self.weights = model, weights
+        self.model, self.weights, self.balancer = model, weights, balancer
         self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
                         "sparsity_target": args.sparsity_target}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(images)
-        return total_loss(outputs, labels, self.weights, self.model, **self.options)
+        total, terms = total_loss(outputs, labels, self.weights, self.model, **self.options)
+        if self.balancer.mode != "fixed":
+            total = self.balancer(terms)
+        return total, terms
+
+
+def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the processes of a distributed run (itself in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,10 +267,11 @@ def validate(model: ReIDModel, loader, num_query: int, device: torch.device) -> 
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 
 
-def checkpoint_state(model, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best,
+def checkpoint_state(model, balancer, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best,
                      meters: dict[str, AverageMeter]) -> dict:
     """Everything needed to continue training exactly where it stands, the epoch's running means included."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    return {"model": model.state_dict(), "balancer": balancer.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "epoch": epoch, "batch": batch, "step": step, "history": history, "best": best,
             "meters": {name: [m.total, m.count] for name, m in meters.items()},
             "flags": {k: str(getattr(args, k)) for k in RESUME_LOCKED},
@@ -222,14 +279,18 @@ def checkpoint_state(model, optimizer, scheduler, args, epoch: int, batch: int, 
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, args) -> dict:
-    """Load a checkpoint into model, optimiser and scheduler; refuse one made with other model or data flags."""
+def restore_checkpoint(path: Path, model, balancer, optimizer, scheduler, args) -> dict:
+    """Load a checkpoint into model, loss weights, optimiser and scheduler; refuse one made with other model or
+    data flags (a flag older checkpoints lack, such as --balance, is taken to be at its default)."""
     state = load_torch(path)
-    changed = [k for k in RESUME_LOCKED if state["flags"].get(k) != str(getattr(args, k))]
+    defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()}
+    changed = [k for k in RESUME_LOCKED if state["flags"].get(k, defaults[k]) != str(getattr(args, k))]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {state['flags'].get(k)}" for k in changed)
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
     model.load_state_dict(state["model"])
+    if "balancer" in state:
+        balancer.load_state_dict(state["balancer"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -332,15 +393,16 @@ def train(args: argparse.Namespace) -> dict:
     val_records = val_query + val_gallery
     val_loader = eval_loader(val_records, build_transforms(img_size, False), args.eval_batch, args.workers)
     steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
-    optimizer = build_optimizer(model, args)
+    weights = loss_weights(args)
+    balancer = build_balancer(args, weights).to(device)
+    optimizer = build_optimizer(model, args, balancer)
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
-    weights = loss_weights(args)
-    step_module: nn.Module = TrainStep(model, weights, args)
+    step_module: nn.Module = TrainStep(model, weights, balancer, args)
     if world > 1:
         unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
-                  or args.recon_target == "image")
+                  or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
@@ -349,7 +411,7 @@ def train(args: argparse.Namespace) -> dict:
     start_epoch, start_batch, step = 1, 0, 0
     meters: dict[str, AverageMeter] = {}
     if args.resume:
-        state = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, args)
+        state = restore_checkpoint(checkpoint_path, model, balancer, optimizer, scheduler, args)
         start_epoch, start_batch, step, history, best = (state["epoch"], state["batch"], state["step"],
                                                          state["history"], state["best"])
         LOG.info("resumed %s at epoch %d, batch %d (step %d)", result_dir, start_epoch, start_batch, step)
@@ -365,16 +427,18 @@ def train(args: argparse.Namespace) -> dict:
                  result_dir / "config.json")
         if not args.resume and val_query:
             model.eval()
-            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device)})
+            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device),
+                            **weight_record(balancer)})
             LOG.info("untrained: val mAP %.4f Rank-1 %.4f", history[0]["val_mAP"], history[0]["val_rank1"])
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if writer:
-            save_torch(checkpoint_state(model, optimizer, scheduler, args, epoch, batch, step, history, best,
+            save_torch(checkpoint_state(model, balancer, optimizer, scheduler, args, epoch, batch, step, history, best,
                                         meters if batch else {}), checkpoint_path)
 
     started = time.time()
     images_seen = 0
+    shared = shared_layer(model)
     stop = StopRequest()
     try:
         for epoch in range(start_epoch, args.epochs + 1):
@@ -402,8 +466,13 @@ def train(args: argparse.Namespace) -> dict:
                     raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
                                     f"'{name}' = {value}; the last good state is in {checkpoint_path}")
                 optimizer.zero_grad(set_to_none=True)
+                balance_grad = (balancer.gradnorm_grad(terms, shared, average_over_ranks)
+                                if args.balance == "gradnorm" else None)
                 total.backward()
+                if balance_grad is not None:
+                    balancer.weights.grad = balance_grad
                 optimizer.step()
+                balancer.renormalise_()
                 scheduler.step()
                 step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
                 meters["loss"].update(float(total.detach()), images.shape[0])
@@ -419,7 +488,7 @@ def train(args: argparse.Namespace) -> dict:
             bar.close()
             row = {"epoch": epoch, "step": step, **{n: m.mean for n, m in meters.items() if m.count},
                    **{group["name"]: group["lr"] for group in optimizer.param_groups},
-                   "images_per_s": images_seen / max(time.time() - started, 1e-9)}
+                   "images_per_s": images_seen / max(time.time() - started, 1e-9), **weight_record(balancer)}
             if writer and val_query and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 model.eval()
                 row.update(validate(model, val_loader, len(val_query), device))
@@ -433,6 +502,8 @@ def train(args: argparse.Namespace) -> dict:
                     write_recon_grid(model, (val_records or records)[:8], img_size, device, result_dir / "recon.png")
                 plot_curves(history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], result_dir / "losses.png",
                             f"{args.backbone_name} + {args.ae_name}")
+                plot_curves(history, [f"weight_{name}" for name in balancer.names], result_dir / "weights.png",
+                            f"loss weights ({args.balance})")
                 LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "
                          f"{row['val_rank1']:.4f}" if "val_mAP" in row else "")
             save_checkpoint(epoch + 1, 0)
