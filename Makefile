@@ -9,7 +9,7 @@ SYNTH := $(DATA)/synthetic
 PREPARED := $(DATA)/prepared
 RUN := runs/demo
 
-.PHONY: venv demo test lint bench clean-demo
+.PHONY: venv demo test lint bench pairings clean-demo
 
 venv: $(STAMP)
 
@@ -39,6 +39,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py --rerank
+
+# Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): the README's
+# table. Finished pairings are skipped, so it resumes; results in runs/pairings/pairings.md and pairings.png.
+PAIRINGS := --img-size 64 32 --epochs 2 --lr 1e-3 --lr-classifier 1e-2 --warmup-epochs 1
+
+pairings: $(STAMP)
+	$(PY) bench/pairings.py $(PAIRINGS)
 
 clean-demo:
 	rm -rf $(RUN) $(PREPARED) $(SYNTH)
