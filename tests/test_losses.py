@@ -179,12 +179,13 @@ def check_mined_pairs(labels: torch.Tensor, z: torch.Tensor) -> None:
     if len(all_pos) <= len(all_neg):
         assert chosen_pos == all_pos
     dist = torch.cdist(z, z)
-    unchosen = all_neg - set(chosen_neg)
-    if chosen_neg and unchosen:
-        assert max(dist[i, j] for i, j in chosen_neg) <= min(dist[i, j] for i, j in unchosen) + 1e-5
+    hard = chosen_neg[:(len(chosen_neg) + 1) // 2]  # the closest half (rounded up) first, the rest at random
+    others = all_neg - set(hard)
+    if hard and others:
+        assert max(dist[i, j] for i, j in hard) <= min(dist[i, j] for i, j in others) + 1e-5
 
 
-def test_mine_pairs_takes_all_positives_and_the_hardest_negatives():
+def test_mine_pairs_takes_all_positives_and_hard_and_random_negatives():
     torch.manual_seed(0)
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     z = torch.randn(9, 4)
@@ -229,7 +230,9 @@ def fake_outputs(vae: bool, batch: int = 8, dim: int = 6, classes: int = 3) -> d
 def test_total_is_the_weighted_sum_of_each_term():
     out, model = fake_outputs(vae=True), Verifier(6)
     weights = LossWeights(triplet=1.0, id=0.5, kl=0.01, reconstruction=2.0, sparsity=0.0, bce=0.3)
+    torch.manual_seed(3)  # the same random negatives in both minings
     total, terms = total_loss(out, LABELS, weights, model, margin=0.2, label_smoothing=0.05)
+    torch.manual_seed(3)
     idx_i, idx_j, target = mine_pairs(LABELS, out["z"])
     expected = {
         "triplet": batch_hard_triplet(out["z"], LABELS, 0.2),
