@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
+	$(PY) bench/data_pipeline.py
 	$(PY) bench/eval_speed.py --rerank
 
 # Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): the README's
