@@ -179,8 +179,8 @@ def shared_layer(model: ReIDModel) -> torch.Tensor:
 
 
 def weight_record(balancer: LossBalancer) -> dict[str, float]:
-    """The weight each active term gets now, as weight_<term>, for metrics.jsonl."""
-    return {f"weight_{name}": float(w) for name, w in zip(balancer.names, balancer.current(), strict=True)}
+    """The weight each active term gets now, as weight_<term>, for metrics.jsonl (float32's 7 digits)."""
+    return {f"weight_{name}": float(f"{w:.7g}") for name, w in zip(balancer.names, balancer.current(), strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------------------
