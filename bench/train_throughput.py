@@ -1,0 +1,257 @@
+"""Training throughput: our training step against the bare backbone's, on the same device in the same run.
+
+python bench/train_throughput.py                      # CPU: resnet50 + vae, 16×4 batches at 128×64
+python bench/train_throughput.py --device cuda        # 256×128, bf16 autocast and channels_last as train.py --amp
+python bench/train_throughput.py --device cuda -- --balance gradnorm --bce 0    # any other train.py flag
+
+Rows, each as images/s and ms a step over --steps timed steps after --warmup untimed ones; the rows take turns
+for --rounds rounds and each keeps its fastest, as the host's speed drifts (notably on shared GPU machines):
+  bare backbone    the reference: the backbone (same name and last stride as ours) with a linear layer to the
+                   identities, cross-entropy, backward and Adam, on one preloaded random P×K batch
+  ours, tensors    ReIDModel + train.py's TrainStep (every loss term the flags switch on) and train.py's step
+                   (finite check, backward, Adam, schedule, the meters' reads), on the same preloaded batch
+  ours, pipeline   the same step fed by train_loader: P×K sampler, JPEG decoding and the training transforms,
+                   from a synthetic Market-format set at Market's own 128×64 (generated into a temporary folder
+                   unless --data names a prepared root)
+  loader alone     train_loader's batches with no model: how fast data loading can go with --workers
+The ratios are ours over the bare backbone's images/s; the target is 0.85 for "ours, pipeline" on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import prepare  # noqa: E402
+import train  # noqa: E402
+from datasets import PKSampler, SyntheticConfig, build_transforms, load_train_records, train_loader  # noqa: E402
+from model import ReIDModel, build_backbone  # noqa: E402
+from utils import UserError, resolve_device, seed_everything  # noqa: E402
+
+# Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's keep the run to a
+# few minutes on 2 cores; CUDA's set has Market's 751 identities, so epochs are as long (about 190 batches) and the
+# loader's refill at each epoch's start weighs as little as in real training.
+DEVICE_DEFAULTS = {"cpu": ((128, 64), 6, 2, 1, 100), "cuda": ((256, 128), 50, 10, 3, 751)}
+TARGET_RATIO = 0.85
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """The benchmark's flags, and train.py's flags built from them (unknown flags go to train.py's parser)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--backbone", default="resnet50", help="backbone name, as train.py's --backbone-name")
+    add("--ae", default="vae", help="autoencoder, as train.py's --ae-name")
+    add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 128 64 on CPU, 256 128 on CUDA)")
+    add("--batch", type=int, nargs=2, default=(16, 4), metavar=("P", "K"), help="identities × images a batch")
+    add("--steps", type=int, help="timed steps a row (default 6 on CPU, 50 on CUDA)")
+    add("--warmup", type=int, help="untimed steps before each row (default 2 on CPU, 10 on CUDA)")
+    add("--rounds", type=int, help="rounds of all rows, interleaved; each row keeps its fastest (default 1 on "
+        "CPU, 3 on CUDA)")
+    add("--workers", type=int, default=2, help="data-loading processes (train.py's default)")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--no-amp", action="store_true", help="on CUDA, float32 instead of train.py --amp's bf16 and channels_last")
+    add("--data", type=Path, help="a prepared root to load from (default: a synthetic set in a temporary folder)")
+    add("--train-ids", type=int, help="identities of that synthetic set (default 100 on CPU, 751 on CUDA)")
+    add("--seed", type=int, default=0)
+    add("--json", type=Path, help="also write the figures to this file")
+    args, rest = parser.parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
+    device = resolve_device(args.device)
+    size, steps, warmup, rounds, train_ids = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    args.device = device
+    args.img_size = tuple(args.img_size or size)
+    args.steps = args.steps or steps
+    args.warmup = args.warmup if args.warmup is not None else warmup
+    args.train_ids = args.train_ids or train_ids
+    args.rounds = args.rounds or rounds
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--steps and --rounds must be positive, --warmup not negative")
+    amp = ["--amp"] if device.type == "cuda" and not args.no_amp else []
+    train_args = train.parse_args(
+        ["--backbone-name", args.backbone, "--ae-name", args.ae, "--img-size", *map(str, args.img_size),
+         "--batch-p", str(args.batch[0]), "--batch-k", str(args.batch[1]), "--workers", str(args.workers),
+         "--device", str(device), "--seed", str(args.seed), *amp, *rest])
+    return args, train_args
+
+
+def synthetic_prepared(folder: Path, train_ids: int, seed: int) -> Path:
+    """A synthetic Market-format set at Market's 128×64, prepared without validation identities."""
+    config = SyntheticConfig(train_ids=train_ids, test_ids=2, distractors=0, junk=0, seed=seed)
+    prepare.ensure_synthetic(folder / "raw", config, progress=False)
+    prepare.prepare(folder / "raw", folder / "prepared", copy=False, val_ids=0, test_share=0.6, seed=seed)
+    return folder / "prepared"
+
+
+def endless(loader, sampler: PKSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches epoch after epoch, as train.py draws them."""
+    epoch = 0
+    while True:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        for images, labels, _, _ in loader:
+            yield images, labels
+
+
+def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of `step` after `warmup` untimed ones, the device's queue drained at both ends."""
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return time.perf_counter() - start
+
+
+def bare_backbone_step(args, train_args, num_classes: int, images: torch.Tensor, labels: torch.Tensor,
+                       use_amp: bool) -> Callable[[], None]:
+    """The reference: backbone, a linear layer to the identities, cross-entropy, backward, Adam."""
+    backbone, dim = build_backbone(train_args.backbone_name, last_stride=train_args.last_stride,
+                                   img_size=args.img_size)
+    net = nn.Sequential(backbone, nn.Linear(dim, num_classes)).to(
+        args.device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay)
+
+    def step() -> None:
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = F.cross_entropy(net(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+             use_amp: bool, active: set[str]) -> Callable[[], None]:
+    """train.py's model, TrainStep, optimiser and schedule, and the body of its training loop; the names of the
+    loss terms computed are added to `active`."""
+    device = args.device
+    model = ReIDModel(train_args.backbone_name, train_args.ae_name, num_classes, latent_dim=train_args.latent_dim,
+                      last_stride=train_args.last_stride, img_size=args.img_size,
+                      recon_target=train_args.recon_target)
+    model.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
+    model.train()
+    weights = train.loss_weights(train_args)
+    balancer = train.build_balancer(train_args, weights).to(device)
+    optimizer = train.build_optimizer(model, train_args, balancer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
+        s, 10**6, 0, train_args.scheduler, train_args.milestones))
+    step_module = train.TrainStep(model, weights, balancer, train_args)
+    shared = train.shared_layer(model)
+
+    # Mirrors the loop body of train.train(), which keeps it inline; keep the two in step.
+    def step() -> None:
+        images, labels = batches()
+        images = images.to(device, non_blocking=True)
+        if use_amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            total, terms = step_module(images, labels)
+        if not all(torch.isfinite(v) for v in (total, *terms.values())):
+            raise UserError(f"non-finite loss in the benchmark: {({k: float(v) for k, v in terms.items()})}")
+        optimizer.zero_grad(set_to_none=True)
+        balance_grad = (balancer.gradnorm_grad(terms, shared, train.average_over_ranks)
+                        if train_args.balance == "gradnorm" else None)
+        total.backward()
+        if balance_grad is not None:
+            balancer.weights.grad = balance_grad
+        optimizer.step()
+        balancer.renormalise_()
+        scheduler.step()
+        for value in (total, *terms.values()):  # the meters' reads
+            float(value.detach())
+        active.update(terms)
+
+    return step
+
+
+def measure(args, train_args) -> dict:
+    """Every row's seconds (the fastest of --rounds rounds, the rows interleaved), on one device, in one run."""
+    seed_everything(args.seed)
+    use_amp = train_args.amp and args.device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+        prepared = args.data or synthetic_prepared(Path(tmp), args.train_ids, args.seed)
+        records, num_classes = load_train_records(prepared)
+        print(f"  training set: {len(records)} images of {num_classes} identities", flush=True)
+        p, k = args.batch
+        images = torch.randn(p * k, 3, *args.img_size, device=args.device)
+        if use_amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.arange(p, device=args.device).repeat_interleave(k)
+        sampler = PKSampler([r.label for r in records], p, k, seed=args.seed)
+        transform = build_transforms(args.img_size, True, train_args.lighting, train_args.erasing)
+        active: set[str] = set()
+        source: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+        ours = our_step(args, train_args, num_classes, lambda: source["batch"](), use_amp, active)
+        steps = {"bare backbone": bare_backbone_step(args, train_args, num_classes, images, labels, use_amp),
+                 "ours, tensors": ours, "ours, pipeline": ours, "loader alone": lambda: source["batch"]()}
+        rows: dict[str, list[float]] = {name: [] for name in steps}
+        for round_ in range(args.rounds):
+            for name, step in steps.items():
+                # A fresh loader for each row, so no batches are prefetched while other rows run.
+                stream = endless(train_loader(records, transform, sampler, args.workers), sampler) \
+                    if name in ("ours, pipeline", "loader alone") else None
+                source["batch"] = (lambda s=stream: next(s)) if stream else (lambda: (images, labels))
+                rows[name].append(timed(step, args.warmup, args.steps, args.device))
+                if stream:
+                    stream.close()
+                print(f"  round {round_ + 1}: {name:<15} {rows[name][-1] / args.steps * 1e3:9.1f} ms a step",
+                      flush=True)
+    batch = p * k
+    best = {name: min(times) for name, times in rows.items()}
+    reference = batch * args.steps / best["bare backbone"]
+    return {
+        "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(), "backbone": train_args.backbone_name, "ae": train_args.ae_name,
+        "img_size": list(args.img_size), "batch": [p, k], "steps": args.steps, "warmup": args.warmup,
+        "rounds": args.rounds, "workers": args.workers, "amp_bf16_channels_last": use_amp, "train_images": len(records),
+        "loss_terms": {n: w for n, w in vars(train.loss_weights(train_args)).items() if n in active},
+        "last_stride": train_args.last_stride,
+        "rows": {name: {"seconds": s, "ms_per_step": s / args.steps * 1e3, "images_per_s": batch * args.steps / s,
+                        "ratio_to_bare": batch * args.steps / s / reference, "seconds_each_round": rows[name]}
+                 for name, s in best.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, train_args = parse_args(argv)
+    print(f"{train_args.backbone_name} + {train_args.ae_name}, batch "
+          f"{args.batch[0]}×{args.batch[1]} at {args.img_size[0]}×{args.img_size[1]}, {args.steps} timed steps "
+          f"after {args.warmup}, best of {args.rounds} round(s), {args.workers} workers, on {args.device}", flush=True)
+    result = measure(args, train_args)
+    terms = ", ".join(f"{n} {w:g}" for n, w in result["loss_terms"].items())
+    print(f"\n{result['device']}, {result['torch_threads']} torch threads, "
+          f"{'bf16 autocast + channels_last' if result['amp_bf16_channels_last'] else 'float32'}; loss terms {terms}")
+    print(f"  {'':<15} {'images/s':>9} {'ms/step':>9} {'ours/bare':>10}")
+    for name, row in result["rows"].items():
+        ratio = f"{row['ratio_to_bare']:10.2f}" if name.startswith("ours") else f"{'':>10}"
+        print(f"  {name:<15} {row['images_per_s']:9.1f} {row['ms_per_step']:9.1f} {ratio}")
+    ratio = result["rows"]["ours, pipeline"]["ratio_to_bare"]
+    print(f"  ours (pipeline) / bare backbone = {ratio:.2f} (target ≥ {TARGET_RATIO} on a GPU)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"  figures in {args.json}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")
