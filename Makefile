@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/eval_speed.py --rerank
 	$(PY) bench/train_throughput.py
+	$(PY) bench/model_step.py
 
 # Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): the README's
 # table. Finished pairings are skipped, so it resumes; results in runs/pairings/pairings.md and pairings.png.
