@@ -252,6 +252,35 @@ def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / dist.get_world_size()
 
 
+def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 use_amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch to the device and through the model and losses (bf16 autocast, channels_last with AMP)."""
+    images = images.to(device, non_blocking=True)
+    if use_amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return step_module(images, labels)
+
+
+def non_finite_terms(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the loss terms (and 'loss' for the total) that are NaN or infinite."""
+    return [name for name, value in {"loss": total, **terms}.items() if not torch.isfinite(value)]
+
+
+def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
+                    optimizer: torch.optim.Optimizer, scheduler, shared: torch.Tensor) -> None:
+    """Backward, GradNorm's weight gradient when balancing so, the optimiser and schedule steps."""
+    optimizer.zero_grad(set_to_none=True)
+    balance_grad = balancer.gradnorm_grad(terms, shared, average_over_ranks) if balancer.mode == "gradnorm" else None
+    total.backward()
+    if balance_grad is not None:
+        balancer.weights.grad = balance_grad
+    optimizer.step()
+    balancer.renormalise_()
+    scheduler.step()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation, checkpoints, records
 # ---------------------------------------------------------------------------------------------------------
@@ -452,28 +481,14 @@ def train(args: argparse.Namespace) -> dict:
                        initial=steps_per_epoch - len(sampler), total=steps_per_epoch, leave=False)
             batch_index = steps_per_epoch - len(sampler)
             for images, labels, _, _ in bar:
-                images = images.to(device, non_blocking=True)
-                if use_amp:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    total, terms = step_module(images, labels)
-                bad = [name for name, value in {"loss": total, **terms}.items() if not torch.isfinite(value)]
-                if bad:
+                total, terms = batch_losses(step_module, images, labels, device, use_amp)
+                if bad := non_finite_terms(total, terms):
                     save_checkpoint(epoch, batch_index)
                     name = next((n for n in bad if n != "loss"), "loss")
                     value = float({"loss": total, **terms}[name].detach())
                     raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
                                     f"'{name}' = {value}; the last good state is in {checkpoint_path}")
-                optimizer.zero_grad(set_to_none=True)
-                balance_grad = (balancer.gradnorm_grad(terms, shared, average_over_ranks)
-                                if args.balance == "gradnorm" else None)
-                total.backward()
-                if balance_grad is not None:
-                    balancer.weights.grad = balance_grad
-                optimizer.step()
-                balancer.renormalise_()
-                scheduler.step()
+                apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
                 step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
                 meters["loss"].update(float(total.detach()), images.shape[0])
                 for name, value in terms.items():

@@ -154,26 +154,12 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     step_module = train.TrainStep(model, weights, balancer, train_args)
     shared = train.shared_layer(model)
 
-    # Mirrors the loop body of train.train(), which keeps it inline; keep the two in step.
     def step() -> None:
         images, labels = batches()
-        images = images.to(device, non_blocking=True)
-        if use_amp:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            total, terms = step_module(images, labels)
-        if not all(torch.isfinite(v) for v in (total, *terms.values())):
+        total, terms = train.batch_losses(step_module, images, labels, device, use_amp)
+        if train.non_finite_terms(total, terms):
             raise UserError(f"non-finite loss in the benchmark: {({k: float(v) for k, v in terms.items()})}")
-        optimizer.zero_grad(set_to_none=True)
-        balance_grad = (balancer.gradnorm_grad(terms, shared, train.average_over_ranks)
-                        if train_args.balance == "gradnorm" else None)
-        total.backward()
-        if balance_grad is not None:
-            balancer.weights.grad = balance_grad
-        optimizer.step()
-        balancer.renormalise_()
-        scheduler.step()
+        train.apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
         for value in (total, *terms.values()):  # the meters' reads
             float(value.detach())
         active.update(terms)
