@@ -3,6 +3,7 @@
 python bench/model_step.py                                   # CPU: resnet50 densenet121 vgg16_bn swin_t, vae
 python bench/model_step.py --device cuda --backbones resnet152 densenet121 vgg16 swin_b   # bf16, channels_last
 python bench/model_step.py --ae vae sae                      # a row per autoencoder (kl needs vae, sparsity sae)
+python bench/model_step.py --threads 1                       # on a CPU other jobs share (see --threads)
 python bench/model_step.py -- --balance gradnorm             # any other train.py flag goes to its parser
 
 Each backbone × autoencoder gets one preloaded random batch (--batch images, P identities × --k images) and
@@ -10,9 +11,10 @@ three steps that take turns, so a shared machine's drift falls on all of them al
 of --steps timed steps after --warmup untimed ones (synchronised on CUDA):
   bare    the backbone alone (the very module ReIDModel holds, so same weights, last stride and memory
           format) → mean square of its pooled feature → backward → Adam (train.py's settings) over it
-  ours    train.py's step: TrainStep (ReIDModel and every loss term: triplet, id, kl, reconstruction,
-          sparsity and bce, weighted as train.py's defaults, sparsity 1e-3; a term the autoencoder has nothing
-          for is skipped, as in training) → finite check → backward → Adam → the meters' reads
+  ours    train.py's step through its own functions: batch_losses (TrainStep: ReIDModel and every loss term,
+          triplet, id, kl, reconstruction, sparsity and bce, weighted as train.py's defaults, sparsity 1e-3; a
+          term the autoencoder has nothing for is skipped, as in training) → non_finite_terms →
+          apply_gradients (backward, Adam, schedule) → the meters' reads
   heads   what ours adds beyond the backbone: the same step with the backbone replaced by the identity and a
           preloaded feature as input (autoencoder, classifier, Siamese head, pair mining, losses, their Adam)
 The ratio is ours over bare; the target is at most 1.10. On CUDA (unless --no-amp) every step runs as train.py
@@ -116,22 +118,16 @@ def bare_step(backbone: nn.Module, optimizer: torch.optim.Optimizer, images: tor
 
 
 def our_step(step_module: train.TrainStep, optimizer: torch.optim.Optimizer, shared: torch.Tensor,
-             inputs: torch.Tensor, labels: torch.Tensor, amp: bool) -> Callable[[], None]:
-    """train.py's loop body on a preloaded batch, the learning-rate schedule and progress bar aside."""
-    balancer = step_module.balancer
+             forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Callable[[], None]:
+    """train.py's loop body after `forward` (its batch_losses, or the like): the finite check, apply_gradients
+    (backward, Adam, a constant schedule) and the meters' reads; checkpoints and progress bar aside."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     def step() -> None:
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
-            total, terms = step_module(inputs, labels)
-        if not all(torch.isfinite(value) for value in (total, *terms.values())):
-            raise RuntimeError(f"non-finite loss: {float(total)}, terms {({k: float(v) for k, v in terms.items()})}")
-        optimizer.zero_grad(set_to_none=True)
-        balance_grad = balancer.gradnorm_grad(terms, shared) if balancer.mode == "gradnorm" else None
-        total.backward()
-        if balance_grad is not None:
-            balancer.weights.grad = balance_grad
-        optimizer.step()
-        balancer.renormalise_()
+        total, terms = forward()
+        if bad := train.non_finite_terms(total, terms):
+            raise RuntimeError(f"non-finite loss terms {bad} (a random batch should not give any)")
+        train.apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared)
         for value in (total, *terms.values()):
             float(value.detach())
 
@@ -209,14 +205,20 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
     shared = train.shared_layer(model)
     backbone_optimizer = torch.optim.Adam(model.backbone.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
     steps = {"bare": bare_step(model.backbone, backbone_optimizer, images, amp),
-             "ours": our_step(ours_module, ours_optimizer, shared, images, labels, amp)}
+             "ours": our_step(ours_module, ours_optimizer, shared,
+                              lambda: train.batch_losses(ours_module, images, labels, device, amp))}
     heads = targs.recon_target == "feature"  # an image target needs the images, which the identity does not pass on
     if heads:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feature = model.backbone(images).float()
         with without_backbone(model):
             heads_module, heads_optimizer = build(model)
-        heads_step = our_step(heads_module, heads_optimizer, train.shared_layer(model), feature, labels, amp)
+
+        def heads_forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # a feature has no channels_last
+                return heads_module(feature, labels)
+
+        heads_step = our_step(heads_module, heads_optimizer, train.shared_layer(model), heads_forward)
 
         def heads_only() -> None:
             with without_backbone(model):
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     precision = "bf16 autocast, channels_last" if args.amp else "float32"
     where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
-        f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the start"
+        f"CPU, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the start"
     print(f"model step at {args.img_size[0]}×{args.img_size[1]}, batch {args.batch} "
           f"({args.batch // args.k} ids × {args.k}), {precision}, on {where}; median of {args.steps} steps "
           f"after {args.warmup} warm-up")
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{backbone_name:<14} {ae:<5} " + " ".join(cells) + f"  {' '.join(row['terms'])}", flush=True)
     worst = max(row["ratio"] for row in rows)
     if cpu:
-        print("ms: wall-clock; cpu: this process's CPU time (both threads), less sensitive to other jobs")
+        print("ms: wall-clock; cpu: this process's CPU time (all its threads), less sensitive to other jobs")
     elapsed = time.perf_counter() - started
     print(f"worst ratio {worst:.3f}: target ≤ {TARGET_RATIO:.2f} {'holds' if worst <= TARGET_RATIO else 'missed'}; "
           f"run took {elapsed:.0f} s" + (f", load average {os.getloadavg()[0]:.1f} at the end"
