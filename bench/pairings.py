@@ -42,6 +42,10 @@ SYNTHETIC = (Path("data/synthetic"), Path("data/prepared"))  # the set `make dem
 COLUMNS = ("mAP", "mINP", "rank1", "rank5", "rank10")
 
 
+class GridStopped(Exception):
+    """Training was asked to stop (Ctrl-C, SIGTERM): the grid stops too, to resume on the next run."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """The grid's flags, and the rest, which go to train.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,8 +115,8 @@ def run_pairing(out: Path, backbone: str, ae: str, budget: dict, workers: int) -
             LOG.info("%s + %s: training into %s", backbone, ae, run)
             summary = train.main(train_flags(run, backbone, ae, budget, workers))
             if "stopped_at_step" in summary:
-                raise UserError(f"{backbone} + {ae}: training stopped at step {summary['stopped_at_step']}; "
-                                "run again to resume")
+                raise GridStopped(f"{backbone} + {ae}: training stopped at step {summary['stopped_at_step']}; "
+                                  "run again to resume")
         evaluation.main(["--all-dir", str(run), "--split", budget["split"], "--out", str(run / "eval"),
                          "--workers", str(workers)])
     return pairing_row(run, backbone, ae)
@@ -165,9 +169,10 @@ def plot_heat_map(rows: list[dict], backbones: list[str], aes: list[str], path: 
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(aes)), aes)
     ax.set_yticks(range(len(backbones)), backbones)
+    middle = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, "failed" if np.isnan(value) else f"{value:.1f}", ha="center", va="center",
-                color="white" if np.isnan(value) or value < np.nanmean(grid) else "black")
+                color="white" if np.isnan(value) or value < middle else "black")
     ax.set_xlabel("autoencoder")
     ax.set_title("mAP (%)")
     fig.colorbar(image, ax=ax)
@@ -211,5 +216,5 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except UserError as err:
+    except (UserError, GridStopped) as err:
         sys.exit(f"error: {err}")
