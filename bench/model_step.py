@@ -128,8 +128,7 @@ def our_step(step_module: train.TrainStep, optimizer: torch.optim.Optimizer, sha
         if bad := train.non_finite_terms(total, terms):
             raise RuntimeError(f"non-finite loss terms {bad} (a random batch should not give any)")
         train.apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared)
-        for value in (total, *terms.values()):
-            float(value.detach())
+        train.read_losses(total, terms)  # the meters' read
 
     return step
 

@@ -160,8 +160,7 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
         if train.non_finite_terms(total, terms):
             raise UserError(f"non-finite loss in the benchmark: {({k: float(v) for k, v in terms.items()})}")
         train.apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
-        for value in (total, *terms.values()):  # the meters' reads
-            float(value.detach())
+        train.read_losses(total, terms)  # the meters' read
         active.update(terms)
 
     return step
