@@ -39,10 +39,10 @@ def batch_hard_triplet(z: Tensor, labels: Tensor, margin: float = 0.3) -> Tensor
     d_ap = dist.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist.masked_fill(~neg, float("inf")).amin(1)
     valid = pos.any(1) & neg.any(1)
-    if not valid.any():
-        return z.sum() * 0.0
-    gap = d_ap[valid] - d_an[valid]
-    return (F.relu(gap + margin) if margin > 0 else F.softplus(gap)).mean()
+    # A masked mean rather than indexing by `valid`: no device sync, and 0 (still in the graph) with no anchor.
+    gap = torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap))
+    per_anchor = F.relu(gap + margin) if margin > 0 else F.softplus(gap)
+    return (per_anchor * valid).sum() / valid.sum().clamp_min(1)
 
 
 def identity_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
     add("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
     add("--device", default="auto")
-    add("--workers", type=int, default=2, help="data-loading processes")
+    add("--workers", type=int, default=min(8, os.cpu_count() or 1),
+        help="data-loading processes (default: the cores, at most 8; a GPU step needs several)")
     add("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     add("--eval-batch", type=int, default=128)
     add("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
