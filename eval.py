@@ -518,6 +518,24 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "<name>_<split> for splits other than test)")
 
 
+def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse eval.py's or topk.py's flags (both spellings), requiring a model: --all-dir or the part folders."""
+    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.all_dir is None and args.backbone_dir is None:
+        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    return args
+
+
+def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, prepared: Path,
+               **options) -> dict:
+    """evaluate_rank on a split's features; a split the protocol leaves nothing to rank in is named."""
+    try:
+        return evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
+                             **options)
+    except ValueError as err:
+        raise UserError(f"split '{split}' of {prepared}: {err}") from err
+
+
 def dataset_root(args: argparse.Namespace) -> Path:
     """The prepared root to evaluate on: --dataset-dir, else the training run's --data."""
     if args.dataset_dir is not None:
@@ -644,10 +662,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify-pairs", type=int, default=4000,
                         help="balanced same/different pairs to score the Siamese head on (0: skip)")
     parser.add_argument("--threshold", type=float, default=0.5, help="same-person probability threshold")
-    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
-    if args.all_dir is None and args.backbone_dir is None:
-        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
-    return args
+    return parse_model_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -656,11 +671,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = output_dir(args)
     inputs = prepare_evaluation(args, out)
     settings, prepared, found, distances = inputs.settings, inputs.prepared, inputs.found, inputs.distances
-    try:
-        result = evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
-                               max_rank=args.max_rank, ap_mode=args.ap_mode)
-    except ValueError as err:
-        raise UserError(f"split '{args.split}' of {prepared}: {err}") from err
+    result = rank_split(distances, found, args.split, prepared, max_rank=args.max_rank, ap_mode=args.ap_mode)
     cmc = result["cmc"]
     report = {
         "split": args.split, "mAP": result["mAP"], "mINP": result["mINP"], "ap_mode": args.ap_mode,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import eval as evaluation
 from datasets import JUNK_PID
-from utils import LOG, UserError, atomic_write_bytes, config_record, normalise_flag_spelling, setup_logging, write_json
+from utils import LOG, UserError, atomic_write_bytes, config_record, setup_logging, write_json
 
 BORDER = 3  # frame width around each image, pixels
 GAP = 4  # space between tiles
@@ -161,9 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-removed", action="store_true",
                         help="also show, greyed, the gallery images the protocol leaves out (same camera, junk)")
     parser.add_argument("--seed", type=int, default=0, help="for random:N")
-    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
-    if args.all_dir is None and args.backbone_dir is None:
-        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    args = evaluation.parse_model_args(parser, argv)
     if args.k < 1:
         parser.error(f"--k {args.k}: expected a positive number of gallery images")
     return args
@@ -187,11 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     inputs = evaluation.prepare_evaluation(args, cache_dir)
     found, prepared = inputs.found, inputs.prepared
     distances = ranking(inputs, args, cache_dir)
-    try:
-        result = evaluation.evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"],
-                                          found["g_camids"])
-    except ValueError as err:
-        raise UserError(f"split '{args.split}' of {prepared}: {err}") from err
+    result = evaluation.rank_split(distances, found, args.split, prepared)
     chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
     score_name = "distance" if args.score == "distance" else "probability"
     img_size = tuple(inputs.settings["img_size"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from model import ReIDModel  # noqa: E402
-from utils import UserError, resolve_device, seed_everything  # noqa: E402
+from utils import UserError, resolve_device, seed_everything, write_json  # noqa: E402
 
 # The member of each family a CPU can step through in minutes; the seed's members need a GPU.
 CPU_BACKBONES = ("resnet50", "densenet121", "vgg16_bn", "swin_t")
@@ -274,9 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = {"img_size": args.img_size, "batch": args.batch, "k": args.k, "steps": args.steps,
                     "warmup": args.warmup, "device": where, "precision": precision, "train_flags": rest,
                     "torch": torch.__version__, "seconds": elapsed}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": settings, "target_ratio": TARGET_RATIO, "rows": rows}, indent=2)
-                             + "\n")
+        write_json(args.json, {"settings": settings, "target_ratio": TARGET_RATIO, "rows": rows})
     return rows
 
 
