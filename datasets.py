@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,6 @@ LOG = logging.getLogger("reid")
 
 # PPPP_cCsS_FFFFFF_NN.jpg: person id (-1 is junk, 0000 a distractor), camera C, sequence S, frame, box.
 MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d)s(\d+)_(\d+)_(\d+)\.jpg$")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 MARKET_FOLDERS = {"train": "bounding_box_train", "gallery": "bounding_box_test", "query": "query"}
 MARKET_CHILD = "Market-1501-v15.09.15"
 JUNK_PID = -1
@@ -66,12 +66,13 @@ def find_market_root(root: str | Path) -> Path:
 
 
 def scan_market_folder(folder: Path) -> tuple[list[ImageRecord], int]:
-    """Records of every image in a Market folder, sorted by name, and the count of non-image files ignored."""
+    """Records of every .jpg image in a Market folder, sorted by name, and the count of other files ignored (as
+    DESIGN says: Thumbs.db, previews, any non-jpg); a .jpg whose name is not Market's is an error."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
     records, bad, ignored = [], [], 0
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() != ".jpg" or not path.is_file():
             ignored += 1
             continue
         parsed = parse_market_name(path.name)
@@ -104,7 +105,7 @@ def load_market(root: str | Path) -> dict[str, list[ImageRecord]]:
     for part, folder in MARKET_FOLDERS.items():
         records, ignored = scan_market_folder(market / folder)
         if ignored:
-            LOG.info("%s: ignored %d non-image files", market / folder, ignored)
+            LOG.info("%s: ignored %d files that are not .jpg images", market / folder, ignored)
         parts[part] = records
     dropped = [r for r in parts["train"] if r.pid in (JUNK_PID, DISTRACTOR_PID)]
     if dropped:
@@ -191,6 +192,9 @@ def split_validation_ids(
             pick = int(rng.integers(len(by_cam[cam])))
             query.append(by_cam[cam][pick])
             gallery.extend(r for i, r in enumerate(by_cam[cam]) if i != pick)
+    if val_pids and not gallery:
+        raise UserError(f"--val-ids {num_val_ids}: the held-out identities have one image a camera, so every one "
+                        "is a query and the validation gallery is empty; use --val-ids 0 or a set with more images")
     remaining = relabel([r for r in train if r.pid not in val_pids])
     return remaining, without_labels(query), without_labels(gallery)
 
@@ -545,15 +549,23 @@ class PKSampler(Sampler[list[int]]):
                 yield [(i, seed) for j in mine for i, seed in zip(batch[j], seeds[j], strict=True)]
 
 
+def detach_from_terminal_signals(_worker_id: int) -> None:
+    """In a loader worker: leave the process group, so Ctrl-C and a SIGTERM to the group reach only the main process
+    (train.py checkpoints first), which then shuts the workers down; they still exit should it die."""
+    os.setpgrp()
+
+
 def train_loader(records: Sequence[ImageRecord], transform: T.Compose, sampler: PKSampler, workers: int) -> DataLoader:
     """A loader of P×K training batches."""
     # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run would diverge.
     return DataLoader(ReIDDataset(records, transform), batch_sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=detach_from_terminal_signals,
                       generator=torch.Generator().manual_seed(sampler.seed))
 
 
 def eval_loader(records: Sequence[ImageRecord], transform: T.Compose, batch_size: int, workers: int) -> DataLoader:
     """A loader over evaluation images in their given order, targets being person ids."""
     return DataLoader(ReIDDataset(records, transform, use_label=False), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=detach_from_terminal_signals, generator=torch.Generator())

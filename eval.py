@@ -24,17 +24,18 @@ import torch
 from tqdm import tqdm
 
 from datasets import JUNK_PID, SPLITS, build_transforms, eval_loader, load_eval_records, manifest_path
-from model import ReIDModel, load_part_state
+from model import ReIDModel, load_part_state, read_state_dict
 from utils import (
     LOG,
     PART_FILES,
     UserError,
     atomic_write_bytes,
-    load_torch,
     normalise_flag_spelling,
     part_file,
     read_json,
     resolve_device,
+    run_script,
+    save_figure,
     setup_logging,
     sha256_file,
     versions,
@@ -137,6 +138,16 @@ def per_query_metrics(rows: np.ndarray, ranks: np.ndarray, num_rows: int,
     return ap, inp, first
 
 
+def protocol_masks(q_pids: np.ndarray, q_camids: np.ndarray, g_pids: np.ndarray,
+                   g_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Market-1501 protocol for queries × gallery: true matches, the same-identity-same-camera items it
+    removes, and the junk gallery items (pid -1) it removes for every query."""
+    junk = g_pids == JUNK_PID
+    same_pid = (g_pids[None, :] == q_pids[:, None]) & ~junk
+    same_cam = g_camids[None, :] == q_camids[:, None]
+    return same_pid & ~same_cam, same_pid & same_cam, junk
+
+
 def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
                   g_camids: np.ndarray, max_rank: int = 50, ap_mode: str = "standard", chunk_size: int = 256,
                   threads: int | None = None) -> dict:
@@ -149,14 +160,12 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q
         raise ValueError(f"ap_mode {ap_mode!r}: expected one of {', '.join(AP_MODES)}")
     check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
-    junk = np.flatnonzero(g_pids == JUNK_PID)
-    real = g_pids != JUNK_PID
 
     def chunk_metrics(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dist = np.asarray(distmat[start:start + chunk_size])
-        same_pid = (g_pids[None, :] == q_pids[start:start + chunk_size, None]) & real
-        same_cam = g_camids[None, :] == q_camids[start:start + chunk_size, None]
-        match_rows, ranks = chunk_match_ranks(dist, same_pid & ~same_cam, same_pid & same_cam, junk)
+        match, removed, junk = protocol_masks(q_pids[start:start + chunk_size], q_camids[start:start + chunk_size],
+                                              g_pids, g_camids)
+        match_rows, ranks = chunk_match_ranks(dist, match, removed, np.flatnonzero(junk))
         return per_query_metrics(match_rows, ranks, len(dist), ap_mode)
 
     # numpy's sort releases the GIL, so threads share the work across cores.
@@ -391,6 +400,8 @@ def extract_features(model, loader, device: torch.device, flip: bool = False,
 
 def model_settings(args: argparse.Namespace) -> dict:
     """Backbone, autoencoder, sizes and part files of the model to evaluate, from the flags and config.json."""
+    if args.all_dir is not None and not Path(args.all_dir).is_dir():
+        raise UserError(f"--all-dir {args.all_dir}: no such folder (expected a result directory of train.py)")
     sources = {"backbone": args.backbone_dir or args.all_dir, "ae": args.ae_dir or args.all_dir,
                "classifier": args.classifier_dir or args.all_dir}
     flags: dict = {}
@@ -401,6 +412,9 @@ def model_settings(args: argparse.Namespace) -> dict:
             break
     backbone = args.backbone_type or flags.get("backbone_name")
     ae = args.ae_type or flags.get("ae_name")
+    if (backbone is None or ae is None) and args.all_dir is not None:
+        raise UserError(f"--all-dir {args.all_dir}: no config.json there (expected a result directory of train.py, "
+                        "or give --backbone_type and --ae_type)")
     if backbone is None or ae is None:
         raise UserError("--backbone_type and --ae_type are needed when no config.json is found beside the parts "
                         "(or give --all-dir RESULT_DIR)")
@@ -422,7 +436,7 @@ def model_settings(args: argparse.Namespace) -> dict:
 
 def load_model(settings: dict, device: torch.device) -> ReIDModel:
     """Build the model named by `settings` and load its saved parts, naming a part that does not fit."""
-    states = {part: load_torch(path) for part, path in settings["files"].items()}
+    states = {part: read_state_dict(path) for part, path in settings["files"].items()}
     num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
     try:
         model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
@@ -454,13 +468,13 @@ def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
 def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
                    cache: Path | None, batch_size: int = 128, workers: int = 2) -> dict[str, np.ndarray]:
     """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted."""
+    query, gallery = load_eval_records(prepared, split)  # first: it names a missing manifest, hashing would not
     key = feature_cache_key(settings, manifest_path(prepared, split), flip)
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
             if str(stored["key"]) == key:
                 LOG.info("features from %s", cache)
                 return {name: stored[name] for name in stored.files if name != "key"}
-    query, gallery = load_eval_records(prepared, split)
     if not query or not gallery:
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
                         "both must be non-empty")
@@ -523,6 +537,11 @@ def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.all_dir is None and args.backbone_dir is None:
         parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    for flag, value in (("--k1", args.k1), ("--k2", args.k2)):
+        if value < 1:
+            parser.error(f"{flag} {value}: expected a positive number of neighbours")
+    if not 0 <= args.lambda_value <= 1:
+        parser.error(f"--lambda-value {args.lambda_value}: expected a weight between 0 and 1")
     return args
 
 
@@ -537,13 +556,22 @@ def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, 
 
 
 def dataset_root(args: argparse.Namespace) -> Path:
-    """The prepared root to evaluate on: --dataset-dir, else the training run's --data."""
+    """The prepared root to evaluate on, checked to hold the split's manifest: --dataset-dir, else the training
+    run's --data."""
     if args.dataset_dir is not None:
-        return args.dataset_dir
-    for folder in (args.all_dir, args.backbone_dir):
-        if folder is not None and (Path(folder) / "config.json").is_file():
-            return Path(read_json(Path(folder) / "config.json")["flags"]["data"])
-    raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
+        root, source = Path(args.dataset_dir), "--dataset-dir"
+        hint = "expected a root written by prepare.py --out, not a raw Market-1501 folder"
+    else:
+        configs = [Path(folder) / "config.json" for folder in (args.all_dir, args.backbone_dir) if folder is not None]
+        config = next((path for path in configs if path.is_file()), None)
+        if config is None:
+            raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
+        root, source = Path(read_json(config)["flags"]["data"]), f"the training data named in {config}:"
+        hint = "a relative path there is read from the current folder; give --dataset-dir PREPARED_ROOT"
+    manifest = manifest_path(root, args.split)
+    if not manifest.is_file():
+        raise UserError(f"{source} {root}: no split manifest {manifest} ({hint})")
+    return root
 
 
 def result_folder(args: argparse.Namespace, name: str) -> Path:
@@ -623,10 +651,7 @@ def plot_xy(x: np.ndarray, y: np.ndarray, path: Path, title: str, xlabel: str, y
     ax.legend(loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -656,13 +681,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """eval.py's flags; `--flag_name` and `--flag-name` are the same flag."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
-    parser.add_argument("--ap-mode", choices=("standard", "devkit"), default="standard",
+    parser.add_argument("--ap-mode", choices=AP_MODES, default="standard",
                         help="standard: non-interpolated AP (torchreid, fast-reid); devkit: Market-1501 devkit's")
     parser.add_argument("--max-rank", type=int, default=50)
     parser.add_argument("--verify-pairs", type=int, default=4000,
                         help="balanced same/different pairs to score the Siamese head on (0: skip)")
     parser.add_argument("--threshold", type=float, default=0.5, help="same-person probability threshold")
-    return parse_model_args(parser, argv)
+    args = parse_model_args(parser, argv)
+    if args.max_rank < 1:
+        parser.error(f"--max-rank {args.max_rank}: expected a positive rank")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -710,7 +738,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

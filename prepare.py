@@ -28,7 +28,7 @@ from datasets import (
     without_labels,
     write_synthetic,
 )
-from utils import LOG, UserError, normalise_flag_spelling, read_json, setup_logging, write_json
+from utils import LOG, UserError, normalise_flag_spelling, read_json, run_script, setup_logging, write_json
 
 DEFAULT_VAL_IDS = 100
 SYNTHETIC_RECORD = "synthetic.json"
@@ -64,6 +64,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--data needs --out PREPARED")
     if not 0 < args.test_share < 1:
         parser.error(f"--test-share {args.test_share}: expected a number between 0 and 1")
+    if args.val_ids is not None and args.val_ids < 0:
+        parser.error(f"--val-ids {args.val_ids}: expected 0 or more")
+    for name in ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    for name in ("distractors", "junk"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} {getattr(args, name)}: expected 0 or more")
     return args
 
 
@@ -182,7 +190,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

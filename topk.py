@@ -16,7 +16,6 @@ import difflib
 import html
 import io
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import eval as evaluation
-from datasets import JUNK_PID
-from utils import LOG, UserError, atomic_write_bytes, config_record, setup_logging, write_json
+from datasets import load_image
+from utils import LOG, UserError, atomic_write_bytes, config_record, run_script, save_image, setup_logging, write_json
 
 BORDER = 3  # frame width around each image, pixels
 GAP = 4  # space between tiles
@@ -59,9 +58,10 @@ def verifier_probabilities(model, qf: np.ndarray, gf: np.ndarray, device: torch.
 def removal_reasons(q_pid: int, q_cam: int, q_file: str, g_pids: np.ndarray, g_camids: np.ndarray,
                     g_files: np.ndarray) -> np.ndarray:
     """Why the protocol drops each gallery item for one query ('' when kept)."""
+    _, same_camera, junk = evaluation.protocol_masks(np.array([q_pid]), np.array([q_cam]), g_pids, g_camids)
     reasons = np.full(len(g_pids), "", dtype=object)
-    reasons[(g_pids == q_pid) & (g_camids == q_cam)] = SAME_CAMERA
-    reasons[g_pids == JUNK_PID] = JUNK
+    reasons[same_camera[0]] = SAME_CAMERA
+    reasons[junk] = JUNK
     reasons[g_files == q_file] = SELF
     return reasons
 
@@ -122,12 +122,6 @@ def grid(tiles: Sequence[Image.Image]) -> Image.Image:
     for position, picture in enumerate(tiles):
         canvas.paste(picture, (position * (width + GAP), 0))
     return canvas
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def index_page(title: str, summary: str, entries: Sequence[dict]) -> str:
@@ -194,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         reasons = removal_reasons(found["q_pids"][q], found["q_camids"][q], found["q_files"][q], found["g_pids"],
                                   found["g_camids"], found["g_files"])
         ap = None if np.isnan(result["ap"][q]) else float(result["ap"][q])
-        tiles = [tile(Image.open(prepared / found["q_files"][q]), COLOURS["query"],
+        tiles = [tile(load_image(str(prepared / found["q_files"][q])), COLOURS["query"],
                       [f"Q {found['q_pids'][q]} c{found['q_camids'][q]}", "skipped" if ap is None else
                        f"AP {100 * ap:.1f}%"], img_size)]
         rank = 0
@@ -205,13 +199,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             score = float(distances[q, g]) if args.score == "distance" else 1.0 - float(distances[q, g])
             colour = COLOURS["removed"] if removed else COLOURS["match" if match else "mismatch"]
             head = f"{'-' if removed else f'#{rank}'} {found['g_pids'][g]} c{found['g_camids'][g]}"
-            tiles.append(tile(Image.open(prepared / found["g_files"][g]), colour,
+            tiles.append(tile(load_image(str(prepared / found["g_files"][g])), colour,
                               [head, f"{score_name[0]} {score:.3f}"], img_size, greyed=bool(removed)))
             rows.append({"query": found["q_files"][q], "rank": "" if removed else rank, "gallery": found["g_files"][g],
                          "pid": int(found["g_pids"][g]), "camid": int(found["g_camids"][g]),
                          score_name: f"{score:.6f}", "match": int(match), "removed": removed})
         grid_name = f"grids/{Path(found['q_files'][q]).with_suffix('').as_posix().replace('/', '_')}.png"
-        atomic_write_bytes(out / grid_name, png_bytes(grid(tiles)))
+        save_image(grid(tiles), out / grid_name)
         entries.append({"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
                         "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name})
     text = io.StringIO()
@@ -234,7 +228,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

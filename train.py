@@ -7,7 +7,6 @@ Several GPUs:   torchrun --nproc_per_node=N train.py ...   (DistributedDataParal
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import signal
@@ -36,20 +35,21 @@ from datasets import (
     load_train_records,
     train_loader,
 )
-from losses import BALANCE_MODES, LossBalancer, LossWeights, total_loss
-from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state
+from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, total_loss
+from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
 from utils import (
     CHECKPOINT_FILE,
     LOG,
     AverageMeter,
     UserError,
-    atomic_write_bytes,
     config_record,
     load_torch,
     normalise_flag_spelling,
     part_file,
     plot_curves,
     resolve_device,
+    run_script,
+    save_image,
     save_parts,
     save_torch,
     seed_everything,
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--margin", type=float, default=0.3, help="triplet margin (0: soft margin)")
     add("--label-smoothing", type=float, default=0.1)
     add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
+    add("--sparsity-mode", choices=SPARSITY_MODES, default="kl",
+        help="sparsity penalty of sae's code: kl, KL(ρ‖ρ̂) summed over units; l1, the code's L1 norm")
     add("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
     add("--device", default="auto")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -133,9 +135,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
     if args.result_dir is None:
         args.result_dir = Path("runs") / f"{args.backbone_name.replace(':', '_')}_{args.ae_name}"
-    for name in ("lr", "lr_classifier", "lr_balance", "epochs", "batch_p", "batch_k", "latent_dim"):
-        if getattr(args, name) <= 0:
+    args.data = args.data.absolute()  # config.json names the data wherever eval.py is run from
+    for name in ("lr", "lr_classifier", "lr_balance", "epochs", "batch_p", "batch_k", "latent_dim", "eval_every",
+                 "eval_batch", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    if min(args.img_size) <= 0:
+        parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected two positive numbers")
+    for name in ("workers", "checkpoint_every", "warmup_epochs", "margin", "weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 0 or more")
+    for name, high in (("erasing", 1.0), ("label_smoothing", 1.0), ("sparsity_target", 1.0)):
+        if not 0 <= getattr(args, name) <= high:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value from 0 to {high:g}")
     for name in LOSS_TERMS:
         if getattr(args, name) < 0:
             parser.error(f"--{name} {getattr(args, name)}: a loss weight cannot be negative")
@@ -197,7 +209,7 @@ def load_pretrained_parts(model: ReIDModel, args: argparse.Namespace) -> None:
         if source is not None:
             path = part_file(source, part, flag)
             try:
-                load_part_state(parts[part], load_torch(path), part)
+                load_part_state(parts[part], read_state_dict(path), part)
             except (RuntimeError, ValueError) as err:
                 raise UserError(f"{flag} {path}: {err}") from err
             LOG.info("loaded %s from %s", part, path)
@@ -235,7 +247,7 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.weights, self.balancer = model, weights, balancer
         self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
-                        "sparsity_target": args.sparsity_target}
+                        "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(images)
@@ -265,18 +277,16 @@ def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Ten
         return step_module(images, labels)
 
 
-def non_finite_terms(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the loss terms (and 'loss' for the total) that are NaN or infinite; one device sync when all are
-    finite."""
-    values = {"loss": total, **terms}
-    finite = torch.isfinite(torch.stack([value.detach().float() for value in values.values()])).tolist()
-    return [name for name, ok in zip(values, finite, strict=True) if not ok]
-
-
 def read_losses(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The total ('loss') and every term as Python floats, read in one device sync."""
+    """The total ('loss') and every term as Python floats, read in one device sync: the step's only one, after the
+    forward pass, so the backward pass and the optimiser's step stay queued while the next batch is fetched."""
     values = torch.stack([value.detach().float() for value in (total, *terms.values())]).tolist()
     return dict(zip(("loss", *terms), values, strict=True))
+
+
+def non_finite(values: dict[str, float]) -> list[str]:
+    """Names of the values that are NaN or infinite."""
+    return [name for name, value in values.items() if not math.isfinite(value)]
 
 
 def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
@@ -297,12 +307,13 @@ def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balance
 # ---------------------------------------------------------------------------------------------------------
 
 
-def validate(model: ReIDModel, loader, num_query: int, device: torch.device) -> dict[str, float]:
+def validate(model: ReIDModel, loader, num_query: int, device: torch.device, prepared: Path) -> dict[str, float]:
     """mAP, mINP and Rank-1/5 on the validation split, by eval.py's protocol code."""
     features, pids, camids = evaluation.extract_features(model, loader, device, progress=False)
     distances = evaluation.embedding_distance(features[:num_query], features[num_query:]).numpy()
-    result = evaluation.evaluate_rank(distances, pids[:num_query], pids[num_query:], camids[:num_query],
-                                      camids[num_query:])
+    labels = {"q_pids": pids[:num_query], "g_pids": pids[num_query:], "q_camids": camids[:num_query],
+              "g_camids": camids[num_query:]}
+    result = evaluation.rank_split(distances, labels, "val", prepared)
     return {"val_mAP": float(result["mAP"]), "val_mINP": float(result["mINP"]),
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 
@@ -319,12 +330,18 @@ def checkpoint_state(model, balancer, optimizer, scheduler, args, epoch: int, ba
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def locked_value(name: str, value: str) -> str:
+    """A locked flag's value as compared on resume: --data as an absolute path (older runs saved it as typed)."""
+    return str(Path(value).absolute()) if name == "data" else value
+
+
 def restore_checkpoint(path: Path, model, balancer, optimizer, scheduler, args) -> dict:
     """Load a checkpoint into model, loss weights, optimiser and scheduler; refuse one made with other model or
     data flags (a flag older checkpoints lack, such as --balance, is taken to be at its default)."""
     state = load_torch(path)
     defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()}
-    changed = [k for k in RESUME_LOCKED if state["flags"].get(k, defaults[k]) != str(getattr(args, k))]
+    changed = [k for k in RESUME_LOCKED
+               if locked_value(k, state["flags"].get(k, defaults[k])) != locked_value(k, str(getattr(args, k)))]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {state['flags'].get(k)}" for k in changed)
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
@@ -351,9 +368,7 @@ def write_recon_grid(model: ReIDModel, records, img_size: tuple[int, int], devic
     pixels = (torch.cat([out["recon_target"], out["recon"]]).float() * std + mean).clamp(0, 1)
     grid = torchvision.utils.make_grid(pixels, nrow=len(records), padding=2, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
-    buffer = io.BytesIO()
-    Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    save_image(Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")), path)
     model.train()
 
 
@@ -418,9 +433,12 @@ def train(args: argparse.Namespace) -> dict:
     records, num_classes = load_train_records(args.data)
     val_query, val_gallery = load_eval_records(args.data, "val")
     img_size = tuple(args.img_size)
-    model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
-                      pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size,
-                      recon_target=args.recon_target)
+    try:
+        model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
+                          pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size,
+                          recon_target=args.recon_target)
+    except ValueError as err:
+        raise UserError(f"--backbone-name {args.backbone_name}: {err}") from err
     load_pretrained_parts(model, args)
     use_amp = args.amp and device.type == "cuda"
     if args.amp and not use_amp:
@@ -467,7 +485,7 @@ def train(args: argparse.Namespace) -> dict:
                  result_dir / "config.json")
         if not args.resume and val_query:
             model.eval()
-            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device),
+            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device, args.data),
                             **weight_record(balancer)})
             LOG.info("untrained: val mAP %.4f Rank-1 %.4f", history[0]["val_mAP"], history[0]["val_rank1"])
 
@@ -493,15 +511,15 @@ def train(args: argparse.Namespace) -> dict:
             batch_index = steps_per_epoch - len(sampler)
             for images, labels, _, _ in bar:
                 total, terms = batch_losses(step_module, images, labels, device, use_amp)
-                if bad := non_finite_terms(total, terms):
+                values = read_losses(total, terms)
+                if bad := non_finite(values):
                     save_checkpoint(epoch, batch_index)
                     name = next((n for n in bad if n != "loss"), "loss")
-                    value = float({"loss": total, **terms}[name].detach())
                     raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
-                                    f"'{name}' = {value}; the last good state is in {checkpoint_path}")
+                                    f"'{name}' = {values[name]}; the last good state is in {checkpoint_path}")
                 apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
                 step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
-                for name, value in read_losses(total, terms).items():
+                for name, value in values.items():
                     meters[name].update(value, images.shape[0])
                 bar.set_postfix(loss=f"{meters['loss'].mean:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if stop.requested or (args.max_steps is not None and step >= args.max_steps):
@@ -516,7 +534,7 @@ def train(args: argparse.Namespace) -> dict:
                    "images_per_s": images_seen / max(time.time() - started, 1e-9), **weight_record(balancer)}
             if writer and val_query and (epoch % args.eval_every == 0 or epoch == args.epochs):
                 model.eval()
-                row.update(validate(model, val_loader, len(val_query), device))
+                row.update(validate(model, val_loader, len(val_query), device, args.data))
             history.append(row)
             if writer:
                 if not val_query or row.get("val_mAP", -1.0) > best["val_mAP"]:  # without validation, keep the last
@@ -565,9 +583,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+        run_script(main)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

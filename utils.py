@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,24 @@ LOG = logging.getLogger("reid")
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def user_error_line(err: UserError) -> str:
+    """The error's one line; one raised in a DataLoader worker arrives wrapped in the worker's traceback, whose
+    last line is 'utils.UserError: <the line>'."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    kind, _, message = text.rstrip().splitlines()[-1].partition(": ")
+    return message if kind.endswith("UserError") else text.rstrip().splitlines()[-1]
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A script's entry: runs `main`, and exits with a one-line 'error: ...' on a UserError."""
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {user_error_line(err)}")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -120,8 +141,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def save_torch(obj: Any, path: str | Path) -> None:
     """torch.save through a temporary file and a rename, so a crash never leaves half a file."""
-    import io
-
     import torch
 
     buffer = io.BytesIO()
@@ -217,8 +236,6 @@ class AverageMeter:
 
 def plot_curves(rows: list[dict], keys: list[str], path: str | Path, title: str, xlabel: str = "epoch") -> None:
     """One panel a key, each a curve over the rows' `epoch`; written atomically as PNG."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +257,21 @@ def plot_curves(rows: list[dict], keys: list[str], path: str | Path, title: str,
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure as a PNG at 100 dpi, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_image(image, path: str | Path) -> None:
+    """A PIL image as a PNG, written atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())

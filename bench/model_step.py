@@ -13,8 +13,8 @@ of --steps timed steps after --warmup untimed ones (synchronised on CUDA):
           format) → mean square of its pooled feature → backward → Adam (train.py's settings) over it
   ours    train.py's step through its own functions: batch_losses (TrainStep: ReIDModel and every loss term,
           triplet, id, kl, reconstruction, sparsity and bce, weighted as train.py's defaults, sparsity 1e-3; a
-          term the autoencoder has nothing for is skipped, as in training) → non_finite_terms →
-          apply_gradients (backward, Adam, schedule) → the meters' reads
+          term the autoencoder has nothing for is skipped, as in training) → read_losses and the finite
+          check on its values → apply_gradients (backward, Adam, schedule)
   heads   what ours adds beyond the backbone: the same step with the backbone replaced by the identity and a
           preloaded feature as input (autoencoder, classifier, Siamese head, pair mining, losses, their Adam)
 The ratio is ours over bare; the target is at most 1.10. On CUDA (unless --no-amp) every step runs as train.py
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from model import ReIDModel  # noqa: E402
-from utils import UserError, resolve_device, seed_everything, write_json  # noqa: E402
+from utils import resolve_device, run_script, seed_everything, write_json  # noqa: E402
 
 # The member of each family a CPU can step through in minutes; the seed's members need a GPU.
 CPU_BACKBONES = ("resnet50", "densenet121", "vgg16_bn", "swin_t")
@@ -118,16 +118,15 @@ def bare_step(backbone: nn.Module, optimizer: torch.optim.Optimizer, images: tor
 
 def our_step(step_module: train.TrainStep, optimizer: torch.optim.Optimizer, shared: torch.Tensor,
              forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Callable[[], None]:
-    """train.py's loop body after `forward` (its batch_losses, or the like): the finite check, apply_gradients
-    (backward, Adam, a constant schedule) and the meters' reads; checkpoints and progress bar aside."""
+    """train.py's loop body after `forward` (its batch_losses, or the like): the meters' read and the finite check
+    on it, apply_gradients (backward, Adam, a constant schedule); checkpoints and progress bar aside."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     def step() -> None:
         total, terms = forward()
-        if bad := train.non_finite_terms(total, terms):
+        if bad := train.non_finite(train.read_losses(total, terms)):
             raise RuntimeError(f"non-finite loss terms {bad} (a random batch should not give any)")
         train.apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared)
-        train.read_losses(total, terms)  # the meters' read
 
     return step
 
@@ -278,7 +277,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_script(main)

@@ -12,7 +12,6 @@ OUT/<backbone>_<ae>, evaluated by eval.py into OUT/<backbone>_<ae>/eval/.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from utils import (  # noqa: E402
     atomic_write_bytes,
     normalise_flag_spelling,
     read_json,
+    save_figure,
     setup_logging,
     write_json,
 )
@@ -177,10 +177,7 @@ def plot_heat_map(rows: list[dict], backbones: list[str], aes: list[str], path: 
     ax.set_title("mAP (%)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

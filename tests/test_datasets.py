@@ -42,7 +42,7 @@ def test_counts_relabelling_and_ignored_files(market_tree: Path, caplog: pytest.
     assert [(r.pid, r.label) for r in parts["train"]] == [(2, 0)] * 3 + [(7, 1)] * 2 + [(10, 2)] * 3
     assert Counter(r.pid for r in parts["gallery"]) == {1: 2, 3: 5, 0: 1, -1: 1}
     assert all(r.label == -1 for r in parts["gallery"] + parts["query"])
-    assert caplog.text.count("ignored 1 non-image files") == 3
+    assert caplog.text.count("ignored 1 files that are not .jpg images") == 3
     assert "1 query identities have no gallery image" in caplog.text
 
 
@@ -83,6 +83,14 @@ def test_bad_names_are_listed(tmp_path: Path):
     with pytest.raises(UserError, match=r"bounding_box_test: 2 image names do not follow .*'12_c1s1_000001_01.jpg', "
                        r"'img_001.jpg'"):
         load_market(root)
+
+
+def test_files_that_are_not_jpg_are_ignored_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    root = make_market_tree(tmp_path / "m", {"query": ["preview.png", "0001_c2s1_000001_00.bmp"]})
+    with caplog.at_level(logging.INFO, logger="reid"):
+        parts = load_market(root)
+    assert len(parts["query"]) == 3
+    assert "query: ignored 3 files that are not .jpg images" in caplog.text
 
 
 SMALL = SyntheticConfig(train_ids=4, test_ids=3, cameras=3, images_per_camera=2, height=32, width=16,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,15 @@ def test_hand_worked_protocol_case():
     assert result["mINP"] == pytest.approx((0.5 + 1 / 6) / 2)
     np.testing.assert_allclose(result["cmc"], [0, 0.5, 0.5, 0.5, 0.5, 1, 1])
     np.testing.assert_allclose(result["ap"], [0.5, 1 / 6, np.nan, np.nan])
+
+
+def test_protocol_masks_name_matches_same_camera_items_and_junk():
+    match, removed, junk = evaluation.protocol_masks(Q_PIDS[:2], Q_CAMS[:2], G_PIDS, G_CAMS)
+    # Query 0 (pid 1, cam 1): g2 and g5 are matches, g1 is seen by its camera. Query 1 (pid 2, cam 1): g0 matches.
+    assert match.tolist() == [[False, False, True, False, False, True, False],
+                              [True, False, False, False, False, False, False]]
+    assert removed.tolist() == [[False, True, False, False, False, False, False], [False] * 7]
+    assert junk.tolist() == [False, False, False, True, False, False, False]
 
 
 def test_devkit_average_precision_uses_the_trapezoid_rule():
@@ -233,6 +243,51 @@ def test_a_part_that_does_not_fit_is_named(tiny_run: Path, tmp_path: Path):
     save_torch(build_autoencoder("vae", 512, 16).state_dict(), tmp_path / "ae.pt")
     with pytest.raises(UserError, match=r"ae.pt: does not fit resnet18 \+ vae"):
         evaluation.main(["--all-dir", str(tiny_run), "--ae_dir", str(tmp_path / "ae.pt"), "--no-cache"])
+
+
+def test_a_part_file_holding_a_tensor_is_named(tiny_run: Path, tmp_path: Path):
+    save_torch(torch.zeros(3), tmp_path / "backbone.pt")
+    with pytest.raises(UserError, match=r"backbone.pt: not a state dict \(expected a mapping of names to tensors\)"):
+        evaluation.main(["--all-dir", str(tiny_run), "--backbone_dir", str(tmp_path / "backbone.pt"), "--no-cache",
+                         "--out", str(tmp_path)])
+
+
+def test_a_missing_all_dir_or_one_without_config_is_named(tmp_path: Path):
+    with pytest.raises(UserError, match=rf"--all-dir {re.escape(str(tmp_path / 'nowhere'))}: no such folder"):
+        evaluation.main(["--all-dir", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=rf"--all-dir {re.escape(str(tmp_path))}: no config.json there"):
+        evaluation.main(["--all-dir", str(tmp_path)])
+
+
+def test_a_dataset_dir_without_the_split_manifest_is_named(tiny_run: Path, market_tree: Path):
+    manifest = re.escape(str(market_tree / "splits" / "val.json"))
+    with pytest.raises(UserError, match=rf"--dataset-dir {re.escape(str(market_tree))}: no split manifest {manifest} "
+                                        r"\(expected a root written by prepare.py --out, not a raw Market-1501"):
+        evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(market_tree), "--split", "val"])
+
+
+def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    config = json.loads((tiny_run / "config.json").read_text())
+    config["flags"]["data"] = "data/prepared"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"the training data named in run/config.json: data/prepared: no split manifest "
+                                        r"data/prepared/splits/test.json .*give --dataset-dir PREPARED_ROOT"):
+        evaluation.main(["--all-dir", "run", "--backbone_dir", str(tiny_run), "--ae_dir", str(tiny_run)])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--k1", "0"], "--k1 0: expected a positive number of neighbours"),
+    (["--k2", "0"], "--k2 0: expected a positive number of neighbours"),
+    (["--lambda-value", "1.5"], "--lambda-value 1.5: expected a weight between 0 and 1"),
+    (["--max-rank", "0"], "--max-rank 0: expected a positive rank"),
+])
+def test_out_of_range_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--all-dir", "runs/demo", "--rerank", *flags])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
 def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_path: Path):

@@ -95,6 +95,23 @@ def test_too_many_validation_ids_is_a_clear_error(market_tree: Path, tmp_path: P
         prepare.main(["--data", str(market_tree), "--out", str(tmp_path / "p"), "--val-ids", "2"])
 
 
+def test_validation_without_a_gallery_is_a_clear_error(tmp_path: Path):
+    one_a_camera = ["--train-ids", "4", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height",
+                    "16", "--width", "8", "--distractors", "0", "--junk", "0", "--quiet"]
+    with pytest.raises(UserError, match="--val-ids 1: .* one image a camera, .* validation gallery is empty"):
+        prepare.main(["--synthetic", str(tmp_path / "s"), "--out", str(tmp_path / "p"), "--val-ids", "1",
+                      *one_a_camera])
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [("--val-ids", "-1", "expected 0 or more"),
+                                                         ("--cameras", "0", "expected a positive number"),
+                                                         ("--junk", "-2", "expected 0 or more")])
+def test_bad_numbers_are_named(flag: str, value: str, expected: str, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--synthetic", str(tmp_path / "s"), flag, value])
+    assert f"{flag} {value}: {expected}" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path):
     result = run_prepare("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "p"))
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,8 @@ def test_index_html_references_every_grid(tiny_run: Path, tmp_path: Path):
     sources = set(re.findall(r'<img src="([^"]+)"', page))
     grids = {f"grids/{p.name}" for p in (tmp_path / "grids").glob("*.png")}
     assert sources == grids and len(grids) == 6
-    assert page.count("AP ") + page.count("skipped") >= 6
+    captions = re.findall(r"<figcaption>[^<]* · (?:AP \d+\.\d%|skipped: no true match left)</figcaption>", page)
+    assert len(captions) == page.count("<figcaption>") == page.count("<img ") == len(grids)
 
 
 def test_removed_images_are_shown_greyed_and_unranked(tiny_run: Path, tmp_path: Path):
@@ -104,6 +106,18 @@ def test_removed_images_are_shown_greyed_and_unranked(tiny_run: Path, tmp_path: 
                     assert row["removed"] == "junk" or (row["pid"] == str(entry["pid"]) and
                                                         re.search(r"_c(\d)", row["gallery"]).group(1) ==
                                                         str(entry["camid"]))
+
+
+def test_a_missing_image_is_named(tiny_run: Path, synthetic_prepared: Path, tmp_path: Path):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(synthetic_prepared, prepared)  # a copy: the shared set stays whole
+    query = json.loads((prepared / "splits" / "test.json").read_text())["query"][0][0]
+    flags = ["--all-dir", str(tiny_run), "--dataset-dir", str(prepared), "--queries", query, "--k", "1",
+             "--workers", "0", "--out", str(tmp_path / "topk")]
+    topk.main(flags)  # the features are cached now, so the next run reads no image before drawing
+    (prepared / query).unlink()
+    with pytest.raises(UserError, match=rf"{re.escape(str(prepared / query))}: cannot read image"):
+        topk.main(flags)
 
 
 def test_verifier_ranks_by_the_siamese_probability_and_never_shows_the_query(tiny_run: Path, tmp_path: Path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 import prepare
 import train
 from conftest import ROOT
+from losses import sparsity_kl, sparsity_l1
 from model import ReIDModel
 from utils import UserError, load_torch
 
@@ -120,11 +124,49 @@ def test_pre_part_that_does_not_fit_names_the_part(trained: Path, learnable: Pat
 
 
 def test_unknown_names_list_the_valid_ones(learnable: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match="resnet152"):
+    with pytest.raises(UserError, match="--backbone-name resnet7: unknown backbone 'resnet7': expected .*resnet152"):
         train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), *TINY,
                     "--backbone-name", "resnet7"])
     with pytest.raises(SystemExit):
         train.parse_args(["--ae-name", "gan"])
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--eval-every", "0"], "--eval-every 0: expected a positive number"),
+    (["--max-steps", "0"], "--max-steps 0: expected a positive number"),
+    (["--img-size", "0", "32"], "--img-size 0 32: expected two positive numbers"),
+    (["--workers", "-1"], "--workers -1: expected 0 or more"),
+    (["--erasing", "1.5"], "--erasing 1.5: expected a value from 0 to 1"),
+])
+def test_bad_numbers_are_named(flags: list[str], expected: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert expected in capsys.readouterr().err
+
+
+def test_data_is_recorded_as_an_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.parse_args(["--data", "data/prepared"]).data == tmp_path / "data" / "prepared"
+    # A checkpoint of an older run holds --data as typed; from the same folder it is the same data.
+    assert train.locked_value("data", "data/prepared") == str(tmp_path / "data" / "prepared")
+    assert train.locked_value("batch_p", "16") == "16"
+
+
+def test_pre_part_that_is_not_a_state_dict_is_named(learnable: Path, tmp_path: Path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(UserError, match=r"--pre-backbone .*tensor.pt: .*not a state dict"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+                    "--pre-backbone", str(tmp_path / "tensor.pt"), *TINY])
+
+
+def test_validation_split_with_nothing_to_rank_is_named_before_training(learnable: Path, tmp_path: Path):
+    data = tmp_path / "prepared"
+    shutil.copytree(learnable, data, symlinks=True)
+    val = json.loads((data / "splits" / "val.json").read_text())
+    (data / "splits" / "val.json").write_text(json.dumps({**val, "gallery": []}))
+    with pytest.raises(UserError, match=r"split 'val' of .*prepared: .*gallery"):
+        train.main(["--data", str(data), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable: Path):
@@ -149,6 +191,58 @@ def test_non_finite_loss_stops_with_the_term_after_saving(learnable: Path, tmp_p
     with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): term 'kl' = nan"):
         train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
     assert load_torch(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_checkpoints_and_resume_continues(sig: signal.Signals, learnable: Path,
+                                                                         tmp_path: Path):
+    """As Ctrl-C in a terminal: the signal reaches train.py and its loader workers alike."""
+    result = tmp_path / "r"
+    command = [sys.executable, str(ROOT / "train.py"), "--data", str(learnable), "--result-dir", str(result), *TINY,
+               "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*command, "--epochs", "40"], stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (result / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the second epoch, the workers busy
+    os.killpg(process.pid, sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "stopped at step" in stderr and "Traceback" not in stderr
+    stopped = load_torch(result / "checkpoint.pt")["step"]
+    subprocess.run([*command, "--epochs", "40", "--resume", "--max-steps", str(stopped + 2)], check=True, env=env,
+                   capture_output=True)
+    assert load_torch(result / "checkpoint.pt")["step"] == stopped + 2
+
+
+def test_an_unreadable_image_in_a_worker_is_one_line(learnable: Path, tmp_path: Path):
+    data = tmp_path / "prepared"
+    shutil.copytree(learnable, data, symlinks=True)
+    broken = sorted((data / "bounding_box_train").iterdir())[0]
+    broken.unlink()
+    broken.write_bytes(b"not a jpeg")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(data), "--result-dir",
+                             str(tmp_path / "r"), "--epochs", "1", *TINY, "--workers", "1"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"error: {broken}: cannot read image")
+    assert "Traceback" not in result.stderr
+
+
+def test_sparsity_mode_flag_picks_the_penalty():
+    torch.manual_seed(0)
+    model = ReIDModel("resnet18", "sae", 4, latent_dim=16, img_size=(32, 16))
+    images, labels = torch.randn(4, 3, 32, 16), torch.tensor([0, 0, 1, 1])
+    code = model(images)["sparse_code"]
+    expected = {"kl": sparsity_kl(code, 0.05), "l1": sparsity_l1(code)}
+    for mode in ("kl", "l1"):
+        args = train.parse_args(["--ae-name", "sae", "--sparsity-mode", mode])
+        step = train.TrainStep(model, train.loss_weights(args), train.build_balancer(args, train.loss_weights(args)),
+                               args)
+        _, terms = step(images, labels)
+        assert terms["sparsity"].item() == pytest.approx(expected[mode].item(), rel=1e-5), mode
 
 
 def test_learning_rate_warms_up_then_decays():
