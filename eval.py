@@ -468,13 +468,13 @@ def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
 def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
                    cache: Path | None, batch_size: int = 128, workers: int = 2) -> dict[str, np.ndarray]:
     """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted."""
-    query, gallery = load_eval_records(prepared, split)  # first: it names a missing manifest, hashing would not
-    key = feature_cache_key(settings, manifest_path(prepared, split), flip)
+    key = feature_cache_key(settings, manifest_path(prepared, split), flip)  # dataset_root checked it is there
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
             if str(stored["key"]) == key:
                 LOG.info("features from %s", cache)
                 return {name: stored[name] for name in stored.files if name != "key"}
+    query, gallery = load_eval_records(prepared, split)
     if not query or not gallery:
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
                         "both must be non-empty")

@@ -33,6 +33,7 @@ from datasets import (
     load_eval_records,
     load_image,
     load_train_records,
+    manifest_path,
     train_loader,
 )
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, total_loss
@@ -379,7 +380,7 @@ def parameter_checksum(model: nn.Module) -> float:
 
 def manifest_hashes(prepared: Path) -> dict[str, str]:
     """SHA-256 of the manifests a run trains and validates on."""
-    return {split: sha256_file(prepared / "splits" / f"{split}.json") for split in ("train", "val")}
+    return {split: sha256_file(manifest_path(prepared, split)) for split in ("train", "val")}
 
 
 # ---------------------------------------------------------------------------------------------------------

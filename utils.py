@@ -26,8 +26,9 @@ def user_error_line(err: UserError) -> str:
     text = str(err)
     if "\nOriginal Traceback" not in text:
         return text
-    kind, _, message = text.rstrip().splitlines()[-1].partition(": ")
-    return message if kind.endswith("UserError") else text.rstrip().splitlines()[-1]
+    last = text.rstrip().splitlines()[-1]
+    kind, _, message = last.partition(": ")
+    return message if kind.endswith("UserError") else last
 
 
 def run_script(main: Callable[[], Any]) -> None:
