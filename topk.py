@@ -24,8 +24,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-import eval as evaluation
+import features
 from datasets import load_image
+from metrics import protocol_masks
 from utils import LOG, UserError, atomic_write_bytes, config_record, run_script, save_image, setup_logging, write_json
 
 BORDER = 3  # frame width around each image, pixels
@@ -58,7 +59,7 @@ def verifier_probabilities(model, qf: np.ndarray, gf: np.ndarray, device: torch.
 def removal_reasons(q_pid: int, q_cam: int, q_file: str, g_pids: np.ndarray, g_camids: np.ndarray,
                     g_files: np.ndarray) -> np.ndarray:
     """Why the protocol drops each gallery item for one query ('' when kept)."""
-    _, same_camera, junk = evaluation.protocol_masks(np.array([q_pid]), np.array([q_cam]), g_pids, g_camids)
+    _, same_camera, junk = protocol_masks(np.array([q_pid]), np.array([q_cam]), g_pids, g_camids)
     reasons = np.full(len(g_pids), "", dtype=object)
     reasons[same_camera[0]] = SAME_CAMERA
     reasons[junk] = JUNK
@@ -146,7 +147,7 @@ def index_page(title: str, summary: str, entries: Sequence[dict]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """topk.py's flags: eval.py's model and data flags plus what to show; `--flag_name` works too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluation.add_model_flags(parser)
+    features.add_model_flags(parser)
     parser.add_argument("--k", type=int, default=10, help="gallery images a query")
     parser.add_argument("--queries", nargs="+", default=["random:8"],
                         help="query file names, random:N, or worst:N (the N lowest-AP queries)")
@@ -155,31 +156,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-removed", action="store_true",
                         help="also show, greyed, the gallery images the protocol leaves out (same camera, junk)")
     parser.add_argument("--seed", type=int, default=0, help="for random:N")
-    args = evaluation.parse_model_args(parser, argv)
+    args = features.parse_model_args(parser, argv)
     if args.k < 1:
         parser.error(f"--k {args.k}: expected a positive number of gallery images")
     return args
 
 
-def ranking(inputs: evaluation.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
+def ranking(inputs: features.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
     """Query × gallery distances to rank by: eval.py's, or 1 − the Siamese head's probability."""
     if args.score == "distance":
         return inputs.distances
     if "classifier" not in inputs.settings["files"]:
         raise UserError("--score verifier: needs the Siamese head (classifier.pt in --all-dir, or --classifier_dir)")
-    plain = evaluation.unaugmented_features(inputs, args, cache_dir)
+    plain = features.unaugmented_features(inputs, args, cache_dir)
     return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    out = args.out if args.out is not None else evaluation.result_folder(args, "topk")
-    cache_dir = evaluation.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
-    inputs = evaluation.prepare_evaluation(args, cache_dir)
+    out = args.out if args.out is not None else features.result_folder(args, "topk")
+    cache_dir = features.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
+    inputs = features.prepare_evaluation(args, cache_dir)
     found, prepared = inputs.found, inputs.prepared
     distances = ranking(inputs, args, cache_dir)
-    result = evaluation.rank_split(distances, found, args.split, prepared)
+    result = features.rank_split(distances, found, args.split, prepared)
     chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
     score_name = "distance" if args.score == "distance" else "probability"
     img_size = tuple(inputs.settings["img_size"])

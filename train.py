@@ -23,7 +23,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-import eval as evaluation
+import features
+import metrics
 from datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -220,15 +221,15 @@ def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBa
     """Adam with two groups: backbone and autoencoder at --lr, classifier and Siamese head at --lr-classifier;
     and a third, without weight decay, for learned loss weights at --lr-balance."""
     parts = model.parts()
-    features = [p for name in ("backbone", "ae") for p in parts[name].parameters() if p.requires_grad]
+    encoder = [p for name in ("backbone", "ae") for p in parts[name].parameters() if p.requires_grad]
     heads = [p for p in parts["classifier"].parameters() if p.requires_grad]
-    groups = [{"params": features, "lr": args.lr, "name": "lr"},
+    groups = [{"params": encoder, "lr": args.lr, "name": "lr"},
               {"params": heads, "lr": args.lr_classifier, "name": "lr_classifier"}]
     if list(balancer.parameters()):
         groups.append({"params": list(balancer.parameters()), "lr": args.lr_balance, "name": "lr_balance",
                        "weight_decay": 0.0})
     # The fused kernel updates every parameter in one launch on CUDA; the arithmetic is Adam's all the same.
-    return torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=features[0].is_cuda)
+    return torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=encoder[0].is_cuda)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestones: Sequence[float]) -> float:
@@ -309,12 +310,12 @@ def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balance
 
 
 def validate(model: ReIDModel, loader, num_query: int, device: torch.device, prepared: Path) -> dict[str, float]:
-    """mAP, mINP and Rank-1/5 on the validation split, by eval.py's protocol code."""
-    features, pids, camids = evaluation.extract_features(model, loader, device, progress=False)
-    distances = evaluation.embedding_distance(features[:num_query], features[num_query:]).numpy()
+    """mAP, mINP and Rank-1/5 on the validation split, by metrics.py's protocol code."""
+    embeddings, pids, camids = features.extract_features(model, loader, device, progress=False)
+    distances = metrics.embedding_distance(embeddings[:num_query], embeddings[num_query:]).numpy()
     labels = {"q_pids": pids[:num_query], "g_pids": pids[num_query:], "q_camids": camids[:num_query],
               "g_camids": camids[num_query:]}
-    result = evaluation.rank_split(distances, labels, "val", prepared)
+    result = features.rank_split(distances, labels, "val", prepared)
     return {"val_mAP": float(result["mAP"]), "val_mINP": float(result["mINP"]),
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 LOG = logging.getLogger("reid")
 
 
@@ -106,7 +108,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally make torch choose deterministic kernels."""
     import random
 
-    import numpy as np
     import torch
 
     random.seed(seed)
@@ -269,6 +270,27 @@ def save_figure(fig, path: str | Path) -> None:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_xy(x: np.ndarray, y: np.ndarray, path: Path, title: str, xlabel: str, ylabel: str, label: str,
+            percent: bool = False) -> None:
+    """One labelled curve, written atomically as PNG (CMC, ROC and PR curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    scale = 100 if percent else 1
+    ax.plot(x, y * scale, marker="o" if len(x) <= 60 else None, markersize=2, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (%)" if percent else ""))
+    ax.set_ylim(0, scale * 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def save_image(image, path: str | Path) -> None:

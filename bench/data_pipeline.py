@@ -30,7 +30,7 @@ from datasets import (  # noqa: E402
     load_market,
     write_synthetic,
 )
-from eval import evaluate_rank, pairwise_distance  # noqa: E402
+from metrics import evaluate_rank, pairwise_distance  # noqa: E402
 from utils import write_json  # noqa: E402
 
 

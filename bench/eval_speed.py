@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import evaluate_rank, re_ranking  # noqa: E402
+from metrics import evaluate_rank  # noqa: E402
+from rerank import re_ranking  # noqa: E402
 
 MARKET = {"queries": 3368, "gallery": 15913, "ids": 751, "cameras": 6, "distractors": 2793, "junk": 100}
 

@@ -14,7 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eval as evaluation
-from eval import evaluate_rank, pairwise_distance, re_ranking
+import features
+import verification
+from metrics import evaluate_rank, pairwise_distance, protocol_masks
+from rerank import re_ranking
 from utils import UserError, save_torch
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,7 +51,7 @@ def test_hand_worked_protocol_case():
 
 
 def test_protocol_masks_name_matches_same_camera_items_and_junk():
-    match, removed, junk = evaluation.protocol_masks(Q_PIDS[:2], Q_CAMS[:2], G_PIDS, G_CAMS)
+    match, removed, junk = protocol_masks(Q_PIDS[:2], Q_CAMS[:2], G_PIDS, G_CAMS)
     # Query 0 (pid 1, cam 1): g2 and g5 are matches, g1 is seen by its camera. Query 1 (pid 2, cam 1): g0 matches.
     assert match.tolist() == [[False, False, True, False, False, True, False],
                               [True, False, False, False, False, False, False]]
@@ -296,14 +299,14 @@ def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_pa
     stored = json.loads((tmp_path / "results.json").read_text())["verification"]
     assert stored == report["verification"]
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "pr.png").is_file()
-    model = evaluation.load_model(report["model"], torch.device("cpu"))
+    model = features.load_model(report["model"], torch.device("cpu"))
     with np.load(tmp_path / "features_test.npz") as plain:  # the unflipped features, extracted for the head
         feats = np.concatenate([plain["qf"], plain["gf"]])
         pids = np.concatenate([plain["q_pids"], plain["g_pids"]])
-    idx_i, idx_j, labels = evaluation.verification_pairs(pids, 300)
+    idx_i, idx_j, labels = verification.verification_pairs(pids, 300)
     with torch.no_grad():
         logits = model.verify(torch.from_numpy(feats[idx_i]), torch.from_numpy(feats[idx_j]))
-    expected = evaluation.verification_metrics(torch.sigmoid(logits).numpy(), labels, 0.4)
+    expected = verification.verification_metrics(torch.sigmoid(logits).numpy(), labels, 0.4)
     assert stored["pairs"] == 300 and stored["confusion"]["tp"] + stored["confusion"]["fn"] == 150
     assert stored.pop("confusion") == expected.pop("confusion")
     assert stored == pytest.approx(expected)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as evaluation
+import features
 import topk
+from metrics import evaluate_rank, pairwise_distance
 from utils import UserError
 
 # The tiny run's images are 64×32; a tile is the image in a 3-pixel frame over a 26-pixel caption band, and
@@ -68,7 +69,7 @@ def test_worst_picks_the_lowest_ap_queries_by_eval_numbers(tiny_run: Path, tmp_p
                         "--workers", "0"])
     with np.load(tiny_run / "eval" / "features_test.npz") as cached:
         qf, gf = (torch.nn.functional.normalize(torch.from_numpy(cached[k]), dim=1) for k in ("qf", "gf"))
-        result = evaluation.evaluate_rank(evaluation.pairwise_distance(qf, gf).numpy(), cached["q_pids"],
+        result = evaluate_rank(pairwise_distance(qf, gf).numpy(), cached["q_pids"],
                                           cached["g_pids"], cached["q_camids"], cached["g_camids"])
         q_files = cached["q_files"]
     ap = {str(f): a for f, a in zip(q_files, result["ap"], strict=True) if not np.isnan(a)}
@@ -124,7 +125,7 @@ def test_verifier_ranks_by_the_siamese_probability_and_never_shows_the_query(tin
     report = topk.main(["--all-dir", str(tiny_run), "--split", "seed_test", "--score", "verifier", "--k", "8",
                         "--queries", "random:5", "--show-removed", "--out", str(tmp_path), "--workers", "0"])
     rows = read_ranks(tmp_path)
-    model = evaluation.load_model(report["model"], torch.device("cpu"))
+    model = features.load_model(report["model"], torch.device("cpu"))
     with np.load(tiny_run / "eval_seed_test" / "features_seed_test.npz") as cached:
         feats = dict(zip(cached["g_files"], cached["gf"], strict=True))
     for entry in report["queries"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval import pr_auc, roc_auc, verification_metrics, verification_pairs
+from verification import pr_auc, roc_auc, verification_metrics, verification_pairs
 
 PROBS = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.4, 0.3, 0.2])
 LABELS = np.array([1, 1, 0, 1, 0, 0, 1, 0], dtype=bool)
