@@ -1,7 +1,9 @@
-"""Lay out Market-1501 (or the synthetic Market-format set) as a prepared root of links and split manifests.
+"""Lay out Market-1501, DukeMTMC-reID, MSMT17, CUHK03-NP (or the synthetic Market-format set) as a prepared root of
+links and split manifests.
 
 The user's images are never moved, deleted or overwritten: the prepared root holds links (or copies with
---copy) and splits/*.json. Running it twice gives the same result.
+--copy) and splits/*.json. Every image is decoded once; unreadable ones are listed in prepare.json and left out of
+the manifests. Running it twice gives the same result.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import (
+    CUHK03_SUBSETS,
+    FORMATS,
     MARKET_FOLDERS,
+    PUBLISHED,
+    FoundSet,
     ImageRecord,
     SyntheticConfig,
-    find_market_root,
-    load_market,
+    count_differences,
+    find_dataset,
+    find_unreadable,
+    load_dataset,
+    looks_complete,
     manifest_path,
     records_to_rows,
     seed_split,
+    split_counts,
     split_validation_ids,
     without_labels,
     write_synthetic,
@@ -31,13 +41,20 @@ from datasets import (
 from utils import LOG, UserError, normalise_flag_spelling, read_json, run_script, setup_logging, write_json
 
 DEFAULT_VAL_IDS = 100
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 SYNTHETIC_RECORD = "synthetic.json"
+SHOWN_UNREADABLE = 20
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags of prepare.py; `-` and `_` spellings are both accepted."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, help="raw Market-1501 folder (or its parent)")
+    parser.add_argument("--data", type=Path, help="raw data set folder (or its parent)")
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                        help="the data set's published layout (auto: detected from the folder)")
+    parser.add_argument("--subset", choices=CUHK03_SUBSETS, default="detected",
+                        help="CUHK03-NP's boxes: detected or hand-labelled")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads decoding the images")
     parser.add_argument("--out", type=Path, help="prepared root to write (links and splits/*.json)")
     parser.add_argument("--synthetic", type=Path, help="write the synthetic Market-format set to this folder")
     parser.add_argument("--copy", action="store_true", help="copy images instead of linking them")
@@ -64,6 +81,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--data needs --out PREPARED")
     if not 0 < args.test_share < 1:
         parser.error(f"--test-share {args.test_share}: expected a number between 0 and 1")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: expected 1 or more")
     if args.val_ids is not None and args.val_ids < 0:
         parser.error(f"--val-ids {args.val_ids}: expected 0 or more")
     for name in ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width"):
@@ -123,32 +142,52 @@ def place_records(records: Sequence[ImageRecord], folder: Path, copy: bool) -> l
     return placed
 
 
-def check_out_folder(out: Path, market: Path, raw: Path) -> None:
+def check_out_folder(out: Path, found: FoundSet, raw: Path) -> None:
     """Refuse a prepared root that is, or lies inside, the user's image folders."""
     resolved = out.resolve()
-    protected = [raw.resolve(), market.resolve()] + [(market / f).resolve() for f in MARKET_FOLDERS.values()]
+    protected = [raw.resolve(), found.root.resolve()] + [folder.resolve() for folder in found.folders.values()]
     if any(resolved == p for p in protected) or any(p in resolved.parents for p in protected[1:]):
         raise UserError(f"--out {out}: must not be the raw dataset folder or lie inside it; choose a new folder")
 
 
 def describe(records: Sequence[ImageRecord]) -> str:
     """Identities, cameras and images of a record list, for the summary."""
-    pids = {r.pid for r in records if r.pid > 0}
-    return f"{len(pids):5d} ids {len({r.camid for r in records}):2d} cams {len(records):6d} images"
+    ids, images, cameras = split_counts(records)
+    return f"{ids:5d} ids {cameras:2d} cams {images:6d} images"
 
 
-def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: float, seed: int) -> dict:
-    """Write the prepared root and every split manifest; return the summary that prepare.json holds."""
-    market = find_market_root(raw)
-    check_out_folder(out, market, raw)
-    parts = load_market(market)
-    placed = {part: place_records(records, out / MARKET_FOLDERS[part], copy) for part, records in parts.items()}
-    num_train_ids = len({r.pid for r in placed["train"]})
-    if val_ids is None:
-        val_ids = min(DEFAULT_VAL_IDS, num_train_ids // 5)
+def dataset_name(found: FoundSet) -> str:
+    """The set's name in prepare.json and eval.py's folders: its layout's, or synthetic[-seedN] for ours."""
+    record = found.root / SYNTHETIC_RECORD
+    if not record.is_file():
+        return found.name
+    seed = read_json(record).get("seed", 0)
+    return "synthetic" if seed == 0 else f"synthetic-seed{seed}"
+
+
+def published_comparison(name: str, counts: dict[str, tuple[int, int, int]]) -> dict | None:
+    """The published counts beside the found ones, and how they differ, when the set looks like a download."""
+    published = PUBLISHED.get(name)
+    if published is None or not looks_complete(counts, published):
+        return None
+    return {"published": {part: published[part] for part in counts},
+            "differences": count_differences(counts, published)}
+
+
+def drop_unreadable(parts: dict[str, list[ImageRecord]], base: Path, workers: int,
+                    progress: bool) -> tuple[dict[str, list[ImageRecord]], list[dict[str, str]]]:
+    """Decode every image once; the parts without the unreadable ones, and those listed with the reason."""
+    unreadable = find_unreadable(sorted({r.path for records in parts.values() for r in records}), workers, progress)
+    kept = {part: [r for r in records if r.path not in unreadable] for part, records in parts.items()}
+    listed = [{"file": os.path.relpath(path, base), "reason": reason} for path, reason in sorted(unreadable.items())]
+    return kept, listed
+
+
+def split_manifests(placed: dict[str, list[ImageRecord]], out: Path, val_ids: int, test_share: float,
+                    seed: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every split's manifest from the placed parts, and the summary's line for each."""
     train, val_query, val_gallery = split_validation_ids(placed["train"], val_ids, seed)
     seed_test, seed_val, left_out = seed_split(placed["gallery"], test_share, seed)
-    source = {"raw": str(market.resolve()), "seed": seed, "val_ids": val_ids, "test_share": test_share}
     manifests = {
         "train": {"images": records_to_rows(train, out), "num_classes": len({r.pid for r in train})},
         "val": {"query": records_to_rows(val_query, out), "gallery": records_to_rows(val_gallery, out),
@@ -160,17 +199,55 @@ def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: f
         "seed_val": {"query": records_to_rows(seed_val, out), "gallery": records_to_rows(seed_val, out),
                      "protocol": "all-vs-all", "left_out_ids": left_out},
     }
+    lines = {"train": describe(train), "val query": describe(val_query), "val gallery": describe(val_gallery),
+             "test query": describe(placed["query"]), "test gallery": describe(placed["gallery"]),
+             "seed_test": describe(seed_test), "seed_val": describe(seed_val), "seed_val left out ids": len(left_out)}
+    return manifests, lines
+
+
+def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: float, seed: int, fmt: str = "auto",
+            subset: str = "detected", workers: int = DEFAULT_WORKERS, progress: bool = True) -> dict:
+    """Write the prepared root and every split manifest; return the summary that prepare.json holds."""
+    found = find_dataset(raw, fmt, subset)
+    check_out_folder(out, found, raw)
+    parts = load_dataset(found)
+    counts = {part: split_counts(parts[part]) for part in ("train", "query", "gallery")}
+    parts, unreadable = drop_unreadable(parts, found.root, workers, progress)
+    placed = {part: place_records(records, out / MARKET_FOLDERS[part], copy) for part, records in parts.items()}
+    if val_ids is None:
+        val_ids = min(DEFAULT_VAL_IDS, len({r.pid for r in placed["train"]}) // 5)
+    manifests, lines = split_manifests(placed, out, val_ids, test_share, seed)
+    name = dataset_name(found)
+    source = {"raw": str(found.root.resolve()), "seed": seed, "val_ids": val_ids, "test_share": test_share,
+              "name": name, "format": found.format}
     for split, manifest in manifests.items():
         write_json(manifest_path(out, split), {"split": split, **source, **manifest})
-    summary = {
-        **source,
-        "train": describe(train), "val query": describe(val_query), "val gallery": describe(val_gallery),
-        "test query": describe(placed["query"]), "test gallery": describe(placed["gallery"]),
-        "seed_test": describe(seed_test), "seed_val": describe(seed_val),
-        "seed_val left out ids": len(left_out),
-    }
+    summary = {**source, **lines, "found": counts, "unreadable": unreadable,
+               "published": published_comparison(name, counts)}
     write_json(out / "prepare.json", summary)
     return summary
+
+
+def log_summary(summary: dict, out: Path) -> None:
+    """Print what prepare.py wrote: the data set, each split's counts, published counts, unreadable images."""
+    LOG.info("prepared %s from %s (%s, seed %d, %d validation ids)", out, summary["raw"], summary["name"],
+             summary["seed"], summary["val_ids"])
+    for key in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test", "seed_val"):
+        LOG.info("  %-13s %s", key, summary[key])
+    if summary["published"] is not None:
+        LOG.info("  found beside the published counts (identities, images, cameras):")
+        for part, have in summary["found"].items():
+            LOG.info("    %-8s %s, published %s", part, tuple(have), tuple(summary["published"]["published"][part]))
+        for line in summary["published"]["differences"]:
+            LOG.warning("  warning: %s: a partial or altered download?", line)
+    unreadable = summary["unreadable"]
+    if unreadable:
+        LOG.warning("warning: %d unreadable images left out of the manifests (all listed in %s):", len(unreadable),
+                    out / "prepare.json")
+        for item in unreadable[:SHOWN_UNREADABLE]:
+            LOG.warning("  %s: %s", item["file"], item["reason"])
+        if len(unreadable) > SHOWN_UNREADABLE:
+            LOG.warning("  ... and %d more", len(unreadable) - SHOWN_UNREADABLE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -182,11 +259,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raw = raw or args.synthetic
     if args.out is None:
         return
-    summary = prepare(raw, args.out, args.copy, args.val_ids, args.test_share, args.seed)
-    LOG.info("prepared %s from %s (seed %d, %d validation ids)", args.out, summary["raw"], args.seed,
-             summary["val_ids"])
-    for key in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test", "seed_val"):
-        LOG.info("  %-13s %s", key, summary[key])
+    summary = prepare(raw, args.out, args.copy, args.val_ids, args.test_share, args.seed, args.format, args.subset,
+                      args.workers, progress=not args.quiet)
+    log_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from datasets import (
     PKSampler,
     SyntheticConfig,
     build_transforms,
-    find_market_root,
+    find_dataset,
     load_market,
     parse_market_name,
     write_synthetic,
@@ -56,19 +56,22 @@ def test_junk_and_distractors_leave_training(tmp_path: Path):
 
 def test_root_may_be_the_download_folder_holding_market_child(tmp_path: Path):
     child = make_market_tree(tmp_path / "download" / datasets.MARKET_CHILD)
-    assert find_market_root(tmp_path / "download") == child
+    assert find_dataset(tmp_path / "download").root == child
+    assert find_dataset(tmp_path / "download", "market1501").root == child
 
 
 def test_missing_folder_is_named_with_what_was_found(market_tree: Path):
     (market_tree / "query").rename(market_tree / "queries")
-    with pytest.raises(UserError, match=r"expected Market-1501 folders .*query.*found \['bounding_box_test', "
+    with pytest.raises(UserError, match=r"no known data set layout here .*found \['bounding_box_test', "
                        r"'bounding_box_train', 'queries'\]"):
-        find_market_root(market_tree)
+        find_dataset(market_tree)
+    with pytest.raises(UserError, match=r"--format market1501: .*market: missing query/ \(expected Market-1501"):
+        find_dataset(market_tree, "market1501")
 
 
 def test_missing_dataset_folder(tmp_path: Path):
     with pytest.raises(UserError, match="nowhere: dataset folder not found"):
-        find_market_root(tmp_path / "nowhere")
+        find_dataset(tmp_path / "nowhere")
 
 
 def test_folder_without_images_is_an_error(market_tree: Path):
