@@ -355,6 +355,15 @@ def rows_to_records(rows: Sequence[Sequence], base: Path) -> list[ImageRecord]:
     return [ImageRecord(str(base / file), int(pid), int(camid), int(label)) for file, pid, camid, label in rows]
 
 
+def dataset_identity(prepared: str | Path) -> dict[str, str | None]:
+    """A prepared root's path and its data set's name and format, from its prepare.json (the folder's name when
+    it has none)."""
+    record = Path(prepared) / "prepare.json"
+    written = read_json(record) if record.is_file() else {}
+    return {"root": str(prepared), "name": written.get("name") or Path(prepared).resolve().name,
+            "format": written.get("format")}
+
+
 def load_manifest(prepared: str | Path, split: str) -> dict:
     """A split's manifest, with a clear message when the root was never prepared."""
     if split not in SPLITS:

@@ -2,6 +2,7 @@
 
 python eval.py --all-dir runs/demo                 # the standard test split, results in runs/demo/eval/
 python eval.py --all-dir runs/demo --split val --flip --rerank
+python eval.py --all-dir runs/demo --dataset-dir data/domain_b   # cross-domain: runs/demo/eval_<data set name>/
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
 in verification.py, and the path from a result directory to features in features.py. `evaluate_rank` and
@@ -19,6 +20,7 @@ import numpy as np
 from datasets import manifest_path
 from features import (
     add_model_flags,
+    data_provenance,
     output_dir,
     parse_model_args,
     prepare_evaluation,
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": settings, "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "manifest": {"path": str(manifest_path(prepared, args.split)),
                      "sha256": sha256_file(manifest_path(prepared, args.split))},
+        "data": data_provenance(args, prepared),
         "versions": versions(),
     }
     if "classifier" in settings["files"] and args.verify_pairs > 0:
@@ -81,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s", settings["backbone"], settings["ae"],
              args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
              ", flip" if args.flip else "", ", re-ranked" if args.rerank else "")
+    if report["data"]["cross_domain"]:
+        LOG.info("  cross-domain: trained on %s (%s), evaluated on %s (%s)", report["data"]["trained_on"]["name"],
+                 report["data"]["trained_on"]["root"], report["data"]["evaluated_on"]["name"], prepared)
     LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
     for k in (1, 5, 10):
         if f"rank{k}" in report:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import SPLITS, build_transforms, eval_loader, load_eval_records, manifest_path
+from datasets import SPLITS, build_transforms, dataset_identity, eval_loader, load_eval_records, manifest_path
 from metrics import embedding_distance, evaluate_rank
 from model import ReIDModel, load_part_state, read_state_dict
 from rerank import re_ranking
@@ -204,6 +205,21 @@ def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, 
         raise UserError(f"split '{split}' of {prepared}: {err}") from err
 
 
+FOLDER_UNSAFE = re.compile(r"[^\w.-]+")
+
+
+def model_config(args: argparse.Namespace) -> Path | None:
+    """The config.json beside the model, in --all-dir or --backbone_dir, when there is one."""
+    configs = [Path(folder) / "config.json" for folder in (args.all_dir, args.backbone_dir) if folder is not None]
+    return next((path for path in configs if path.is_file()), None)
+
+
+def training_root(args: argparse.Namespace) -> Path | None:
+    """The prepared root the model was trained on, as its config.json names it."""
+    config = model_config(args)
+    return None if config is None else Path(read_json(config)["flags"]["data"])
+
+
 def dataset_root(args: argparse.Namespace) -> Path:
     """The prepared root to evaluate on, checked to hold the split's manifest: --dataset-dir, else the training
     run's --data."""
@@ -211,11 +227,10 @@ def dataset_root(args: argparse.Namespace) -> Path:
         root, source = Path(args.dataset_dir), "--dataset-dir"
         hint = "expected a root written by prepare.py --out, not a raw Market-1501 folder"
     else:
-        configs = [Path(folder) / "config.json" for folder in (args.all_dir, args.backbone_dir) if folder is not None]
-        config = next((path for path in configs if path.is_file()), None)
-        if config is None:
+        root = training_root(args)
+        if root is None:
             raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
-        root, source = Path(read_json(config)["flags"]["data"]), f"the training data named in {config}:"
+        source = f"the training data named in {model_config(args)}:"
         hint = "a relative path there is read from the current folder; give --dataset-dir PREPARED_ROOT"
     manifest = manifest_path(root, args.split)
     if not manifest.is_file():
@@ -223,14 +238,39 @@ def dataset_root(args: argparse.Namespace) -> Path:
     return root
 
 
+def is_cross_domain(args: argparse.Namespace, prepared: Path) -> bool:
+    """Whether the evaluated root is another than the one the model was trained on."""
+    trained = training_root(args)
+    return trained is not None and trained.resolve() != prepared.resolve()
+
+
+def data_provenance(args: argparse.Namespace, prepared: Path) -> dict:
+    """Both data sets a result depends on: the training root (name, format, manifest hashes from config.json) and
+    the evaluated root (name, format, split, manifest hash)."""
+    config = model_config(args)
+    trained = None
+    if config is not None:
+        record = read_json(config)
+        trained = {**(record.get("dataset") or dataset_identity(record["flags"]["data"])),
+                   "manifests": record.get("manifests")}
+    manifest = manifest_path(prepared, args.split)
+    evaluated = {**dataset_identity(prepared), "split": args.split, "manifest": str(manifest),
+                 "sha256": sha256_file(manifest)}
+    return {"trained_on": trained, "evaluated_on": evaluated, "cross_domain": is_cross_domain(args, prepared)}
+
+
 def result_folder(args: argparse.Namespace, name: str) -> Path:
-    """RESULT_DIR/<name> beside the model (<name>_<split> for splits other than test)."""
+    """RESULT_DIR/<name> beside the model: <name>_<data set name> on another root than the training one, then
+    _<split> for splits other than test."""
     base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
+    prepared = dataset_root(args)
+    if is_cross_domain(args, prepared):
+        name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(prepared)['name'])}"
     return Path(base) / (name if args.split == "test" else f"{name}_{args.split}")
 
 
 def output_dir(args: argparse.Namespace) -> Path:
-    """Where eval.py's results and feature cache go: --out, else RESULT_DIR/eval."""
+    """Where eval.py's results and feature cache go: --out, else RESULT_DIR/eval (eval_<data set> cross-domain)."""
     return args.out if args.out is not None else result_folder(args, "eval")
 
 

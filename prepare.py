@@ -166,12 +166,13 @@ def dataset_name(found: FoundSet) -> str:
 
 
 def published_comparison(name: str, counts: dict[str, tuple[int, int, int]]) -> dict | None:
-    """The published counts beside the found ones, and how they differ, when the set looks like a download."""
+    """A published set's counts, whether the found set looks like the whole download, and if so how it differs."""
     published = PUBLISHED.get(name)
-    if published is None or not looks_complete(counts, published):
+    if published is None:
         return None
-    return {"published": {part: published[part] for part in counts},
-            "differences": count_differences(counts, published)}
+    complete = looks_complete(counts, published)
+    return {"published": {part: published[part] for part in counts}, "looks_complete": complete,
+            "differences": count_differences(counts, published) if complete else []}
 
 
 def drop_unreadable(parts: dict[str, list[ImageRecord]], base: Path, workers: int,
@@ -234,12 +235,16 @@ def log_summary(summary: dict, out: Path) -> None:
              summary["seed"], summary["val_ids"])
     for key in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test", "seed_val"):
         LOG.info("  %-13s %s", key, summary[key])
-    if summary["published"] is not None:
+    published = summary["published"]
+    if published is not None and published["looks_complete"]:
         LOG.info("  found beside the published counts (identities, images, cameras):")
         for part, have in summary["found"].items():
-            LOG.info("    %-8s %s, published %s", part, tuple(have), tuple(summary["published"]["published"][part]))
-        for line in summary["published"]["differences"]:
+            LOG.info("    %-8s %s, published %s", part, tuple(have), tuple(published["published"][part]))
+        for line in published["differences"]:
             LOG.warning("  warning: %s: a partial or altered download?", line)
+    elif published is not None:
+        LOG.info("  %s training images of the published %s: a sample (or a small part of a download), not compared",
+                 f"{summary['found']['train'][1]:,}", f"{published['published']['train'][1]:,}")
     unreadable = summary["unreadable"]
     if unreadable:
         LOG.warning("warning: %d unreadable images left out of the manifests (all listed in %s):", len(unreadable),

@@ -222,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "person, red another" + (", grey left out by the protocol (same camera or junk)."
                                          if args.show_removed else "."))
     atomic_write_bytes(out / "index.html", index_page(title, summary, entries).encode())
-    report = config_record(args, model=settings, mAP=result["mAP"], rank1=float(result["cmc"][0]), queries=entries)
+    report = config_record(args, model=settings, data=features.data_provenance(args, prepared), mAP=result["mAP"],
+                           rank1=float(result["cmc"][0]), queries=entries)
     write_json(out / "topk.json", report)
     LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
     return report

@@ -30,6 +30,7 @@ from datasets import (
     IMAGENET_STD,
     PKSampler,
     build_transforms,
+    dataset_identity,
     eval_loader,
     load_eval_records,
     load_image,
@@ -479,7 +480,7 @@ def train(args: argparse.Namespace) -> dict:
         result_dir.mkdir(parents=True, exist_ok=True)
         write_json(result_dir / "config.json", config_record(
             args, num_classes=num_classes, train_images=len(records), world_size=world, device=str(device),
-            manifests=manifest_hashes(Path(args.data)), loss_weights=vars(weights),
+            manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
             parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
             feat_dim=model.feat_dim, embed_dim=model.embed_dim))
         LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",
