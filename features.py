@@ -263,9 +263,8 @@ def result_folder(args: argparse.Namespace, name: str) -> Path:
     """RESULT_DIR/<name> beside the model: <name>_<data set name> on another root than the training one, then
     _<split> for splits other than test."""
     base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
-    prepared = dataset_root(args)
-    if is_cross_domain(args, prepared):
-        name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(prepared)['name'])}"
+    if args.dataset_dir is not None and is_cross_domain(args, Path(args.dataset_dir)):
+        name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(args.dataset_dir)['name'])}"
     return Path(base) / (name if args.split == "test" else f"{name}_{args.split}")
 
 

@@ -46,15 +46,28 @@ def market_tree(tmp_path: Path) -> Path:
     return make_market_tree(tmp_path / "market")
 
 
+TINY_SYNTHETIC = ["--train-ids", "10", "--test-ids", "6", "--cameras", "3", "--images-per-camera", "3", "--height",
+                  "64", "--width", "32", "--distractors", "6", "--junk", "3", "--val-ids", "2", "--quiet"]
+
+
 @pytest.fixture(scope="session")
 def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic Market-format set (10 train ids, 6 test ids, 64×32 images), prepared with 2 val ids."""
     import prepare
 
     base = tmp_path_factory.mktemp("synthetic")
-    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), "--train-ids", "10",
-                  "--test-ids", "6", "--cameras", "3", "--images-per-camera", "3", "--height", "64", "--width", "32",
-                  "--distractors", "6", "--junk", "3", "--val-ids", "2", "--quiet"])
+    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), *TINY_SYNTHETIC])
+    return base / "prepared"
+
+
+@pytest.fixture(scope="session")
+def other_domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny synthetic set drawn with seed 1: other people, cameras and backgrounds (data set
+    'synthetic-seed1'), for cross-domain evaluation."""
+    import prepare
+
+    base = tmp_path_factory.mktemp("synthetic_seed1")
+    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), "--seed", "1", *TINY_SYNTHETIC])
     return base / "prepared"
 
 

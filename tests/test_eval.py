@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 import eval as evaluation
 import features
 import verification
+from datasets import load_eval_records
 from metrics import evaluate_rank, pairwise_distance, protocol_masks
 from rerank import re_ranking
-from utils import UserError, save_torch
+from utils import UserError, save_torch, sha256_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Hand-worked cases
@@ -310,3 +311,23 @@ def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_pa
     assert stored["pairs"] == 300 and stored["confusion"]["tp"] + stored["confusion"]["fn"] == 150
     assert stored.pop("confusion") == expected.pop("confusion")
     assert stored == pytest.approx(expected)
+
+
+def test_cross_domain_results_name_both_data_sets(tiny_run: Path, synthetic_prepared: Path, other_domain: Path):
+    evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--workers", "0"])
+    out = tiny_run / "eval_synthetic-seed1"
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert data["cross_domain"] is True
+    assert (data["trained_on"]["name"], data["trained_on"]["format"]) == ("synthetic", "market1501")
+    assert data["trained_on"]["root"] == str(synthetic_prepared)
+    assert data["trained_on"]["manifests"]["train"] == sha256_file(synthetic_prepared / "splits" / "train.json")
+    assert (data["evaluated_on"]["name"], data["evaluated_on"]["root"]) == ("synthetic-seed1", str(other_domain))
+    assert data["evaluated_on"]["sha256"] == sha256_file(other_domain / "splits" / "test.json")
+    home = evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(synthetic_prepared), "--workers", "0"])
+    assert home["data"]["cross_domain"] is False and home["data"]["evaluated_on"]["name"] == "synthetic"
+    assert json.loads((tiny_run / "eval" / "results.json").read_text())["data"] == home["data"]
+    # Each data set keeps its own feature cache: the other domain's images, not the training domain's.
+    with np.load(out / "features_test.npz") as away, np.load(tiny_run / "eval" / "features_test.npz") as at_home:
+        assert str(away["key"]) != str(at_home["key"])
+        away_query = {Path(other_domain / f).resolve() for f in away["q_files"]}
+    assert away_query == {Path(r.path).resolve() for r in load_eval_records(other_domain, "test")[0]}

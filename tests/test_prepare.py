@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -143,3 +144,34 @@ def test_synthetic_prepared_fixture_has_every_split(synthetic_prepared: Path):
     for split in ("val", "test", "seed_test", "seed_val"):
         query, gallery = load_eval_records(synthetic_prepared, split)
         assert query and gallery and all(Path(r.path).exists() for r in query + gallery)
+
+
+def test_unreadable_images_are_listed_left_out_and_never_met_in_training(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
+    import train
+    from conftest import TINY_SYNTHETIC
+    from datasets import load_image
+
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    prepare.main(["--synthetic", str(raw), *TINY_SYNTHETIC])
+    good = sorted((raw / "bounding_box_train").glob("*.jpg"))[0]
+    pid = good.name.split("_")[0]  # an identity that trains, so the bad files would be drawn into its batches
+    truncated, text = f"{pid}_c1s1_999998_01.jpg", f"{pid}_c2s1_999999_01.jpg"
+    (raw / "bounding_box_train" / truncated).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (raw / "bounding_box_train" / text).write_text("a text file named .jpg\n")
+    with caplog.at_level(logging.INFO, logger="reid"):
+        prepare.main(["--data", str(raw), "--out", str(out), "--val-ids", "2", "--quiet"])
+    listed = {item["file"]: item["reason"] for item in json.loads((out / "prepare.json").read_text())["unreadable"]}
+    assert sorted(listed) == [f"bounding_box_train/{truncated}", f"bounding_box_train/{text}"]
+    assert "image file is truncated" in listed[f"bounding_box_train/{truncated}"]
+    assert "cannot identify image file" in listed[f"bounding_box_train/{text}"]
+    assert "2 unreadable images left out of the manifests" in caplog.text
+    assert f"{text}: UnidentifiedImageError" in caplog.text
+    assert not (out / "bounding_box_train" / truncated).exists() and not (out / "bounding_box_train" / text).exists()
+    records, _ = load_train_records(out)
+    query, gallery = load_eval_records(out, "val")
+    assert all(load_image(r.path).size == (32, 64) for r in records + query + gallery)
+    summary = train.main(["--data", str(out), "--result-dir", str(tmp_path / "run"), "--epochs", "1",
+                          "--backbone-name", "resnet18", "--ae-name", "none", "--img-size", "64", "32",
+                          "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
+    assert summary["best_epoch"] == 1 and (tmp_path / "run" / "backbone.pt").is_file()

@@ -150,3 +150,14 @@ def test_an_unknown_query_is_named_with_the_nearest_ones(tiny_run: Path, tmp_pat
     report = topk.main(["--all-dir", str(tiny_run), "--queries", first, "--out", str(tmp_path), "--workers", "0"])
     assert [Path(entry["query"]).name for entry in report["queries"]] == [first]
     assert json.loads((tmp_path / "topk.json").read_text())["flags"]["queries"] == [first]
+
+
+def test_cross_domain_grids_go_beside_the_cross_domain_evaluation(tiny_run: Path, other_domain: Path):
+    report = topk.main(["--all-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--queries", "random:2",
+                        "--workers", "0"])
+    out = tiny_run / "topk_synthetic-seed1"
+    assert json.loads((out / "topk.json").read_text())["data"] == report["data"]
+    assert report["data"]["cross_domain"] and report["data"]["evaluated_on"]["name"] == "synthetic-seed1"
+    assert report["data"]["trained_on"]["name"] == "synthetic"
+    with np.load(tiny_run / "eval_synthetic-seed1" / "features_test.npz") as cached:  # eval.py's cache, reused
+        assert {row["gallery"] for row in read_ranks(out)} <= {str(f) for f in cached["g_files"]}
