@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/eval_speed.py --rerank
 	$(PY) bench/train_throughput.py
 	$(PY) bench/model_step.py
+	$(PY) bench/image_check.py
 
 # On a CUDA machine: training images/s with bf16 autocast at 256×128, batch 16×4, for the seed's two reference
 # backbones, and the model step of every family's seed backbone; figures also in runs/bench/*.json.

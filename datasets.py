@@ -50,25 +50,24 @@ DISTRACTOR_PID = 0
 
 @dataclass(frozen=True)
 class Layout:
-    """A published set's naming scheme, the folders a download extracts to, and its camera count."""
+    """A published set's naming scheme, the folders a download extracts to, and its layout for messages."""
 
     title: str
     pattern: re.Pattern
     scheme: str
     children: tuple[str, ...]
-    cameras: int
     expected: str
 
 
 LAYOUTS = {
-    "market1501": Layout("Market-1501", MARKET_NAME, "PPPP_cCsS_FFFFFF_NN.jpg", (MARKET_CHILD,), 6,
+    "market1501": Layout("Market-1501", MARKET_NAME, "PPPP_cCsS_FFFFFF_NN.jpg", (MARKET_CHILD,),
                          f"{MARKET_CHILD}/{{bounding_box_train,query,bounding_box_test}}"),
-    "dukemtmc": Layout("DukeMTMC-reID", DUKE_NAME, "PPPP_cC_fFFFFFFF.jpg", ("DukeMTMC-reID",), 8,
+    "dukemtmc": Layout("DukeMTMC-reID", DUKE_NAME, "PPPP_cC_fFFFFFFF.jpg", ("DukeMTMC-reID",),
                        "DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}"),
-    "msmt17": Layout("MSMT17", MSMT_NAME, "PPPP_NNN_CC_*.jpg", tuple(MSMT_FOLDERS), 15,
+    "msmt17": Layout("MSMT17", MSMT_NAME, "PPPP_NNN_CC_*.jpg", tuple(MSMT_FOLDERS),
                      "MSMT17_V1/{train,test} or MSMT17_V2/{mask_train_v2,mask_test_v2}, each with "
                      "list_train.txt, list_val.txt, list_query.txt, list_gallery.txt"),
-    "cuhk03-np": Layout("CUHK03-NP", CUHK03_NAME, "PPPP_cC_NN.png", ("cuhk03-np",), 2,
+    "cuhk03-np": Layout("CUHK03-NP", CUHK03_NAME, "PPPP_cC_NN.png", ("cuhk03-np",),
                         "cuhk03-np/{detected,labeled}/{bounding_box_train,query,bounding_box_test}"),
 }
 FORMATS = tuple(LAYOUTS)

@@ -157,12 +157,14 @@ def describe(records: Sequence[ImageRecord]) -> str:
 
 
 def dataset_name(found: FoundSet) -> str:
-    """The set's name in prepare.json and eval.py's folders: its layout's, or synthetic[-seedN] for ours."""
+    """The set's name in prepare.json and eval.py's folders: its layout's, or for ours synthetic[-PRESET][-seedN]
+    (the preset when synthetic.json names one other than the default)."""
     record = found.root / SYNTHETIC_RECORD
     if not record.is_file():
         return found.name
-    seed = read_json(record).get("seed", 0)
-    return "synthetic" if seed == 0 else f"synthetic-seed{seed}"
+    settings = read_json(record)
+    preset, seed = settings.get("preset", "default"), settings.get("seed", 0)
+    return "synthetic" + (f"-{preset}" if preset != "default" else "") + (f"-seed{seed}" if seed else "")
 
 
 def published_comparison(name: str, counts: dict[str, tuple[int, int, int]]) -> dict | None:

@@ -175,3 +175,15 @@ def test_unreadable_images_are_listed_left_out_and_never_met_in_training(tmp_pat
                           "--backbone-name", "resnet18", "--ae-name", "none", "--img-size", "64", "32",
                           "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
     assert summary["best_epoch"] == 1 and (tmp_path / "run" / "backbone.pt").is_file()
+
+
+@pytest.mark.parametrize(("settings", "name"), [({"seed": 0}, "synthetic"), ({"seed": 2}, "synthetic-seed2"),
+                                                ({"preset": "domain-b", "seed": 0}, "synthetic-domain-b"),
+                                                ({"preset": "default", "seed": 1}, "synthetic-seed1")])
+def test_synthetic_sets_are_named_by_preset_and_seed(market_tree: Path, settings: dict, name: str):
+    from datasets import find_dataset
+
+    found = find_dataset(market_tree)
+    assert prepare.dataset_name(found) == "market1501"
+    (market_tree / prepare.SYNTHETIC_RECORD).write_text(json.dumps(settings))
+    assert prepare.dataset_name(found) == name
