@@ -188,7 +188,7 @@ def find_dataset(root: str | Path, fmt: str = "auto", subset: str = "detected") 
         if partial:
             folder, fmt = partial[0]
             missing = ", ".join(missing_paths(folder, fmt, subset))
-            raise UserError(f"{folder}: a {LAYOUTS[fmt].title} folder missing {missing} "
+            raise UserError(f"{folder}: this {LAYOUTS[fmt].title} folder lacks {missing} "
                             f"(expected {LAYOUTS[fmt].expected})")
         listing = sorted(p.name for p in root.iterdir())[:12]
         raise UserError(f"{root}: no known data set layout here or in a child folder (Market-1501, DukeMTMC-reID, "
@@ -200,7 +200,7 @@ def find_dataset(root: str | Path, fmt: str = "auto", subset: str = "detected") 
             return found_set(candidate, fmt, subset)
     missing = ", ".join(missing_paths(candidates[0], fmt, subset))
     raise UserError(f"--format {fmt}: {candidates[0]}: missing {missing} (expected {layout.expected}, "
-                    "in --data or its child)")
+                    "in --data or a child folder)")
 
 
 def scan_folder(folder: Path, layout: Layout) -> tuple[list[ImageRecord], int]:

@@ -174,7 +174,7 @@ def test_a_missing_list_file_or_subset_is_named(tmp_path: Path):
     (make_msmt(tmp_path / "raw", "MSMT17_V2") / "list_val.txt").unlink()
     with pytest.raises(UserError, match=r"MSMT17_V2: missing list_val.txt \(expected MSMT17_V1"):
         find_dataset(tmp_path / "raw", "msmt17")
-    with pytest.raises(UserError, match=r"MSMT17_V2: a MSMT17 folder missing list_val.txt"):
+    with pytest.raises(UserError, match=r"MSMT17_V2: this MSMT17 folder lacks list_val.txt"):
         find_dataset(tmp_path / "raw")
     cuhk = make_cuhk(tmp_path / "c")
     (cuhk / "labeled" / "query").rename(cuhk / "labeled" / "queries")
