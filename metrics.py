@@ -157,7 +157,7 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
     qf, gf = qf.float(), gf.float()
     if metric == "cosine":
         qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-    out = torch.empty(qf.shape[0], gf.shape[0])
+    out = torch.empty(qf.shape[0], gf.shape[0], device=qf.device)
     g_norms = gf.pow(2).sum(1)
     for start in range(0, qf.shape[0], chunk_size):
         q = qf[start:start + chunk_size]
@@ -167,6 +167,14 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
             block = torch.addmm(q.pow(2).sum(1, keepdim=True) + g_norms[None, :], q, gf.T, alpha=-2)
             out[start:start + chunk_size] = block.clamp_(min=0)
     return out
+
+
+def paired_distance(a: torch.Tensor, b: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """The distance of each row of `a` to the same row of `b`, by pairwise_distance's formula."""
+    if metric == "cosine":
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        return 1 - (a * b).sum(1)
+    return (a.pow(2).sum(1) + b.pow(2).sum(1) - 2 * (a * b).sum(1)).clamp_(min=0)
 
 
 def embedding_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
