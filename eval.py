@@ -2,10 +2,11 @@
 
 python eval.py --all-dir runs/demo                 # the standard test split, results in runs/demo/eval/
 python eval.py --all-dir runs/demo --split val --flip --rerank
+python eval.py --all-dir runs/demo --aqe --rerank  # query expansion, then re-ranking
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
-in verification.py, and the path from a result directory to features in features.py. `evaluate_rank` and
-`re_ranking` are importable from here too, where DESIGN.md's entry points name them.
+in verification.py, and the path from a result directory to features in features.py. `evaluate_rank`,
+`re_ranking` and `re_ranking_features` are importable from here too, where DESIGN.md's entry points name them.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from features import (
     unaugmented_features,
 )
 from metrics import AP_MODES, evaluate_rank
-from rerank import re_ranking
+from rerank import re_ranking, re_ranking_features
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
 from verification import verification_report
 
-__all__ = ["evaluate_rank", "main", "parse_args", "re_ranking"]
+__all__ = ["evaluate_rank", "main", "parse_args", "re_ranking", "re_ranking_features"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json(out / "results.json", report)
     plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
             f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)
-    LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s", settings["backbone"], settings["ae"],
+    LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s%s", settings["backbone"], settings["ae"],
              args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
-             ", flip" if args.flip else "", ", re-ranked" if args.rerank else "")
+             ", flip" if args.flip else "", ", AQE" if args.aqe else "", ", re-ranked" if args.rerank else "")
     LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
     for k in (1, 5, 10):
         if f"rank{k}" in report:

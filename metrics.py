@@ -169,12 +169,13 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
     return out
 
 
-def paired_distance(a: torch.Tensor, b: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
-    """The distance of each row of `a` to the same row of `b`, by pairwise_distance's formula."""
+def distance_from_products(products: torch.Tensor, q_sq: torch.Tensor, g_sq: torch.Tensor,
+                           metric: str = "euclidean") -> torch.Tensor:
+    """Squared Euclidean or cosine distances of L2-normalised features from their inner products and squared
+    norms (broadcast against each other), by pairwise_distance's formula."""
     if metric == "cosine":
-        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-        return 1 - (a * b).sum(1)
-    return (a.pow(2).sum(1) + b.pow(2).sum(1) - 2 * (a * b).sum(1)).clamp_(min=0)
+        return 1 - products
+    return (q_sq + g_sq - 2 * products).clamp_(min=0)
 
 
 def embedding_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metrics import paired_distance, pairwise_distance
+from metrics import distance_from_products
 
 PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,8 +39,8 @@ def segment_positions(start: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Ten
     """For rows `ids` of a CSR layout, each of their entries' index in `ids` and position in cols/values."""
     counts = start[ids + 1] - start[ids]
     owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    return owner, start[ids][owner] + torch.arange(len(owner), device=ids.device) - first[owner]
+    shift = torch.repeat_interleave(start[ids] - (torch.cumsum(counts, 0) - counts), counts)
+    return owner, shift + torch.arange(len(owner), device=ids.device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,19 +56,19 @@ def reciprocal_mask(ranks: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def expanded_members(ranks: torch.Tensor, recip: torch.Tensor, recip_half: torch.Tensor, rows: torch.Tensor,
-                     k1: int, half: int) -> torch.Tensor:
-    """Column slots of each row's k-reciprocal set joined with the half-size sets of its members that mostly (over
-    two thirds) lie in it, sorted; repeats and unused slots hold n."""
+                     k1: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in `rows`, column) of each row's k-reciprocal set joined with the half-size sets of its members that
+    mostly (over two thirds) lie in it, sorted by row then column."""
     n = len(ranks)
     forward, mask = ranks[rows, : k1 + 1], recip[rows]
     cand_sets, cand_masks = ranks[forward, : half + 1], recip_half[forward]
-    inside = ((cand_sets[..., None] == forward[:, None, None, :]) & mask[:, None, None, :]).any(-1)
+    member = torch.zeros(len(rows), n + 1, dtype=torch.bool, device=ranks.device)
+    member.scatter_(1, torch.where(mask, forward, n), True)
+    inside = member.gather(1, cand_sets.flatten(1)).view_as(cand_sets)
     agree = (inside & cand_masks).sum(-1) > 2.0 / 3.0 * cand_masks.sum(-1)
     take = cand_masks & (agree & mask)[..., None]
-    slots = torch.cat([torch.where(mask, forward, n), torch.where(take, cand_sets, n).flatten(1)], 1).sort(1).values
-    repeated = slots[:, 1:] == slots[:, :-1]
-    slots[:, 1:][repeated] = n
-    return slots
+    member.scatter_(1, torch.where(take, cand_sets, n).flatten(1), True)
+    return member[:, :n].nonzero(as_tuple=True)
 
 
 def k_reciprocal_encodings(ranks: torch.Tensor, k1: int, pair_dist: PairDistance, chunk_size: int) -> SparseRows:
@@ -81,9 +81,7 @@ def k_reciprocal_encodings(ranks: torch.Tensor, k1: int, pair_dist: PairDistance
     rows_out, cols_out, values_out = [], [], []
     for s in range(0, n, chunk_size):
         rows = torch.arange(s, min(s + chunk_size, n), device=ranks.device)
-        slots = expanded_members(ranks, recip, recip_half, rows, k1, half)
-        local, position = (slots < n).nonzero(as_tuple=True)
-        cols = slots[local, position]
+        local, cols = expanded_members(ranks, recip, recip_half, rows, k1, half)
         weights = torch.exp(-pair_dist(rows[local], cols))
         totals = torch.zeros(len(rows), device=weights.device).index_add_(0, local, weights)
         rows_out.append(rows[local])
@@ -100,10 +98,10 @@ def expand_encodings(encoding: SparseRows, ranks: torch.Tensor, k2: int, chunk_s
     keys_out, values_out = [], []
     for s in range(0, n, chunk_size):
         owner, position = segment_positions(encoding.start, neighbours[s:s + chunk_size].flatten())
-        keys = (s + torch.div(owner, count, rounding_mode="floor")) * n + encoding.cols[position]
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        sums = torch.zeros(len(unique), device=keys.device).index_add_(0, inverse, encoding.values[position])
-        keys_out.append(unique)
+        keys, order = (torch.div(owner, count, rounding_mode="floor") * n + encoding.cols[position]).sort()
+        unique, inverse = torch.unique_consecutive(keys, return_inverse=True)  # keys local to the chunk sort fast
+        sums = torch.zeros(len(unique), device=keys.device).index_add_(0, inverse, encoding.values[position][order])
+        keys_out.append(unique + s * n)
         values_out.append(sums / count)
     keys = torch.cat(keys_out)
     return SparseRows(row_starts(torch.div(keys, n, rounding_mode="floor"), n), keys % n, torch.cat(values_out))
@@ -197,35 +195,50 @@ def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
                                   chunk_size).numpy()
 
 
-def nearest_neighbours(unit: torch.Tensor, num_q: int, depth: int, metric: str, chunk_size: int,
-                       progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over row chunks of the squared distances: each item's `depth` nearest, closest first (partial
-    selection), each row's maximum (the symmetric matrix's column maxima that normalise it), and the queries'
-    normalised distances to the gallery."""
+class Neighbours(NamedTuple):
+    """Each item's nearest items, closest first, their normalised squared distances, and each row's largest
+    squared distance that normalises it."""
+
+    ranks: torch.Tensor
+    near: torch.Tensor
+    scale: torch.Tensor
+
+
+def nearest_neighbours(unit: torch.Tensor, sq: torch.Tensor, num_q: int, depth: int, metric: str, chunk_size: int,
+                       progress: bool) -> tuple[Neighbours, torch.Tensor]:
+    """One pass over row chunks of the inner products: each item's `depth` nearest by partial selection, each
+    row's farthest item (the symmetric matrix's column maxima) and the queries' squared distances to the gallery,
+    normalised."""
     n = len(unit)
     ranks = torch.empty(n, depth, dtype=torch.long, device=unit.device)
-    scale = torch.empty(n, device=unit.device)
+    near, farthest = torch.empty(n, depth, device=unit.device), torch.empty(n, dtype=torch.long, device=unit.device)
     query_dist = torch.empty(num_q, n - num_q, device=unit.device)
     for s in tqdm(range(0, n, chunk_size), desc="re-ranking: neighbours", unit="chunk", disable=not progress,
                   leave=False):
-        block = pairwise_distance(unit[s:s + chunk_size], unit, metric).pow_(2)
-        rows = slice(s, s + len(block))
-        scale[rows] = block.max(1).values
-        ranks[rows] = block.topk(depth, dim=1, largest=False).indices
-        if s < num_q:
-            queries = min(num_q - s, len(block))
-            query_dist[s:s + queries] = block[:queries, num_q:] / scale[s:s + queries, None]
-    return ranks, scale, query_dist
+        products = unit[s:s + chunk_size] @ unit.T
+        rows, queries = slice(s, s + len(products)), slice(s, min(s + len(products), num_q))
+        top, ranks[rows] = products.topk(depth, dim=1)
+        near[rows] = distance_from_products(top, sq[rows, None], sq[ranks[rows]], metric).pow_(2)
+        farthest[rows] = products.argmin(1)
+        query_dist[queries] = distance_from_products(products[: max(0, num_q - s), num_q:], sq[queries, None],
+                                                     sq[None, num_q:], metric).pow_(2)
+    scale = distance_from_products(torch.linalg.vecdot(unit, unit[farthest]), sq, sq[farthest], metric).pow_(2)
+    return Neighbours(ranks, near / scale[:, None], scale), query_dist.div_(scale[:num_q, None])
 
 
-def scaled_pair_distances(unit: torch.Tensor, scale: torch.Tensor, metric: str, rows: torch.Tensor,
-                          cols: torch.Tensor, floats_per_batch: int = 1 << 24) -> torch.Tensor:
-    """Normalised squared distances d(i, j)² / scale[i] of (row, col) pairs of embeddings, in bounded batches."""
-    out = torch.empty(len(rows), device=unit.device)
+def scaled_pair_distances(unit: torch.Tensor, sq: torch.Tensor, metric: str, neighbours: Neighbours,
+                          rows: torch.Tensor, cols: torch.Tensor, floats_per_batch: int = 1 << 24) -> torch.Tensor:
+    """Normalised squared distances of (row, col) pairs: from the neighbour lists where they hold the pair, else
+    from the embeddings, in bounded batches."""
+    listed = cols[:, None] == neighbours.ranks[rows]
+    out = neighbours.near[rows, listed.to(torch.uint8).argmax(1)]
+    missing = (~listed.any(1)).nonzero().squeeze(1)
     batch = max(1, floats_per_batch // unit.shape[1])
-    for s in range(0, len(rows), batch):
-        r, c = rows[s:s + batch], cols[s:s + batch]
-        out[s:s + batch] = paired_distance(unit[r], unit[c], metric).pow_(2) / scale[r]
+    for s in range(0, len(missing), batch):
+        pairs = missing[s:s + batch]
+        r, c = rows[pairs], cols[pairs]
+        products = torch.linalg.vecdot(unit[r], unit[c])
+        out[pairs] = distance_from_products(products, sq[r], sq[c], metric).pow_(2) / neighbours.scale[r]
     return out
 
 
@@ -240,11 +253,11 @@ def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     """k-reciprocal re-ranking from query and gallery embeddings, equal to `re_ranking` on the matrices of
     `embedding_distance` (L2-normalised, then squared Euclidean or cosine), without any n × n matrix."""
     unit = torch.nn.functional.normalize(as_features(qf, gf, device), dim=1)
-    num_q = len(qf)
+    sq = unit.pow(2).sum(1)
     depth = min(max(k1 + 1, k2), len(unit))
-    ranks, scale, query_dist = nearest_neighbours(unit, num_q, depth, metric, chunk_size, progress)
-    pair_dist = partial(scaled_pair_distances, unit, scale, metric)
-    return rerank_from_neighbours(ranks, pair_dist, query_dist, k1, k2, lambda_value, chunk_size,
+    neighbours, query_dist = nearest_neighbours(unit, sq, len(qf), depth, metric, chunk_size, progress)
+    pair_dist = partial(scaled_pair_distances, unit, sq, metric, neighbours)
+    return rerank_from_neighbours(neighbours.ranks, pair_dist, query_dist, k1, k2, lambda_value, chunk_size,
                                   progress).cpu().numpy()
 
 
