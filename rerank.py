@@ -204,26 +204,58 @@ class Neighbours(NamedTuple):
     scale: torch.Tensor
 
 
+def merge_nearest(best: torch.Tensor, ranks: torch.Tensor, start: int, products: torch.Tensor, offset: int) -> None:
+    """Fold a block of inner products (rows from `start`, columns from `offset`) into the running lists of each
+    row's largest products and their columns."""
+    if products.shape[1] == 0:
+        return
+    top, index = products.topk(min(best.shape[1], products.shape[1]), dim=1)
+    rows = slice(start, start + len(products))
+    values, columns = torch.cat([best[rows], top], 1), torch.cat([ranks[rows], index + offset], 1)
+    best[rows], pick = values.topk(best.shape[1], dim=1)
+    ranks[rows] = columns.gather(1, pick)
+
+
+def merge_farthest(lowest: torch.Tensor, farthest: torch.Tensor, start: int, products: torch.Tensor,
+                   offset: int) -> None:
+    """Fold a block of inner products into the running smallest product of each row and its column."""
+    if products.shape[1] == 0:
+        return
+    low, index = products.min(1)
+    rows = slice(start, start + len(products))
+    better = low < lowest[rows]
+    lowest[rows] = torch.where(better, low, lowest[rows])
+    farthest[rows] = torch.where(better, index + offset, farthest[rows])
+
+
 def nearest_neighbours(unit: torch.Tensor, sq: torch.Tensor, num_q: int, depth: int, metric: str, chunk_size: int,
                        progress: bool) -> tuple[Neighbours, torch.Tensor]:
-    """One pass over row chunks of the inner products: each item's `depth` nearest by partial selection, each
-    row's farthest item (the symmetric matrix's column maxima) and the queries' squared distances to the gallery,
-    normalised."""
-    n = len(unit)
-    ranks = torch.empty(n, depth, dtype=torch.long, device=unit.device)
-    near, farthest = torch.empty(n, depth, device=unit.device), torch.empty(n, dtype=torch.long, device=unit.device)
-    query_dist = torch.empty(num_q, n - num_q, device=unit.device)
+    """Each item's `depth` nearest by partial selection, each row's farthest item (the symmetric matrix's column
+    maxima) and the queries' normalised squared distances to the gallery, from the inner products of each row
+    chunk with itself and every later item: the upper triangle, read by rows and by columns."""
+    n, device = len(unit), unit.device
+    best = torch.full((n, depth), -torch.inf, device=device)
+    ranks = torch.zeros(n, depth, dtype=torch.long, device=device)
+    lowest, farthest = torch.full((n,), torch.inf, device=device), torch.zeros(n, dtype=torch.long, device=device)
+    query_dist = torch.empty(num_q, n - num_q, device=device)
     for s in tqdm(range(0, n, chunk_size), desc="re-ranking: neighbours", unit="chunk", disable=not progress,
                   leave=False):
-        products = unit[s:s + chunk_size] @ unit.T
-        rows, queries = slice(s, s + len(products)), slice(s, min(s + len(products), num_q))
-        top, ranks[rows] = products.topk(depth, dim=1)
-        near[rows] = distance_from_products(top, sq[rows, None], sq[ranks[rows]], metric).pow_(2)
-        farthest[rows] = products.argmin(1)
-        query_dist[queries] = distance_from_products(products[: max(0, num_q - s), num_q:], sq[queries, None],
-                                                     sq[None, num_q:], metric).pow_(2)
+        products = unit[s:s + chunk_size] @ unit[s:].T
+        later = products[:, len(products):].T
+        merge_nearest(best, ranks, s, products, s)
+        merge_nearest(best, ranks, s + len(products), later, s)
+        merge_farthest(lowest, farthest, s, products, s)
+        merge_farthest(lowest, farthest, s + len(products), later, s)
+        if s < num_q:
+            query_dist[s:s + len(products)] = products[: num_q - s, num_q - s:]
     scale = distance_from_products(torch.linalg.vecdot(unit, unit[farthest]), sq, sq[farthest], metric).pow_(2)
-    return Neighbours(ranks, near / scale[:, None], scale), query_dist.div_(scale[:num_q, None])
+    near = distance_from_products(best, sq[:, None], sq[ranks], metric).pow_(2) / scale[:, None]
+    for s in range(0, num_q, chunk_size):  # the products become distances in place
+        block = query_dist[s:s + chunk_size]
+        rows = slice(s, s + len(block))
+        block.copy_(distance_from_products(block, sq[rows, None], sq[None, num_q:], metric).pow_(2))
+        block.div_(scale[rows, None])
+    return Neighbours(ranks, near, scale), query_dist
 
 
 def scaled_pair_distances(unit: torch.Tensor, sq: torch.Tensor, metric: str, neighbours: Neighbours,
@@ -248,7 +280,7 @@ def as_features(qf, gf, device: torch.device | str | None) -> torch.Tensor:
 
 
 def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, metric: str = "euclidean",
-                        device: torch.device | str | None = None, chunk_size: int = 1024,
+                        device: torch.device | str | None = None, chunk_size: int = 2048,
                         progress: bool = False) -> np.ndarray:
     """k-reciprocal re-ranking from query and gallery embeddings, equal to `re_ranking` on the matrices of
     `embedding_distance` (L2-normalised, then squared Euclidean or cosine), without any n × n matrix."""
