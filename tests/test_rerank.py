@@ -98,16 +98,6 @@ def test_average_query_expansion_gives_negative_similarities_no_weight():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--aqe-k", "0"], "--aqe-k 0: expected a positive number of neighbours"),
-    (["--aqe-alpha", "-1"], "--aqe-alpha -1.0: expected a non-negative exponent"),
-])
-def test_out_of_range_aqe_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
-    with pytest.raises(SystemExit):
-        evaluation.parse_args(["--all-dir", "runs/demo", "--aqe", *flags])
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
-
-
 def test_eval_and_topk_rank_by_expanded_then_re_ranked_distances(tiny_run: Path, tmp_path: Path):
     flags = ["--all-dir", str(tiny_run), "--workers", "0", "--aqe", "--aqe-k", "3", "--aqe-alpha", "2", "--rerank",
              "--k1", "6", "--k2", "2"]
