@@ -145,8 +145,9 @@ def rerank_report(dim: int) -> None:
           f"{figures['matrices']['peak_mib'] / figures['features']['peak_mib']:.1f}× less")
     print(f"  largest difference {np.abs(ours - reference).max():.1e}; {apart.sum()} of {apart.size} distances "
           f"({np.any(apart, axis=1).sum()} queries) differ by more than 1e-5")
-    print(f"  mAP {evaluate_rank(plain, **labels)['mAP']:.4f} plain, re-ranked {evaluate_rank(ours, **labels)['mAP']:.4f} "
-          f"from embeddings, {evaluate_rank(reference, **labels)['mAP']:.4f} from distance matrices")
+    print(f"  mAP {evaluate_rank(plain, **labels)['mAP']:.4f} plain, re-ranked "
+          f"{evaluate_rank(ours, **labels)['mAP']:.4f} from embeddings, "
+          f"{evaluate_rank(reference, **labels)['mAP']:.4f} from distance matrices")
 
 
 def main() -> None:
