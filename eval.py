@@ -3,10 +3,11 @@
 python eval.py --all-dir runs/demo                 # the standard test split, results in runs/demo/eval/
 python eval.py --all-dir runs/demo --split val --flip --rerank
 python eval.py --all-dir runs/demo --dataset-dir data/domain_b   # cross-domain: runs/demo/eval_<data set name>/
+python eval.py --all-dir runs/demo --aqe --rerank  # query expansion, then re-ranking
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
-in verification.py, and the path from a result directory to features in features.py. `evaluate_rank` and
-`re_ranking` are importable from here too, where DESIGN.md's entry points name them.
+in verification.py, and the path from a result directory to features in features.py. `evaluate_rank`,
+`re_ranking` and `re_ranking_features` are importable from here too, where DESIGN.md's entry points name them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from features import (
     unaugmented_features,
 )
 from metrics import AP_MODES, evaluate_rank
-from rerank import re_ranking
+from rerank import re_ranking, re_ranking_features
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
 from verification import verification_report
 
-__all__ = ["evaluate_rank", "main", "parse_args", "re_ranking"]
+__all__ = ["evaluate_rank", "main", "parse_args", "re_ranking", "re_ranking_features"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json(out / "results.json", report)
     plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
             f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)
-    LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s", settings["backbone"], settings["ae"],
+    LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s%s", settings["backbone"], settings["ae"],
              args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
-             ", flip" if args.flip else "", ", re-ranked" if args.rerank else "")
+             ", flip" if args.flip else "", ", AQE" if args.aqe else "", ", re-ranked" if args.rerank else "")
     if report["data"]["cross_domain"]:
         LOG.info("  cross-domain: trained on %s (%s), evaluated on %s (%s)", report["data"]["trained_on"]["name"],
                  report["data"]["trained_on"]["root"], report["data"]["evaluated_on"]["name"], prepared)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from datasets import SPLITS, build_transforms, dataset_identity, eval_loader, load_eval_records, manifest_path
 from metrics import embedding_distance, evaluate_rank
 from model import ReIDModel, load_part_state, read_state_dict
-from rerank import re_ranking
+from rerank import average_query_expansion, re_ranking_features
 from utils import (
     LOG,
     PART_FILES,
@@ -168,10 +168,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add("--split", default="test", choices=[s for s in SPLITS if s != "train"])
     add("--flip", action="store_true", help="average each embedding with its mirror image's")
     add("--metric", choices=("euclidean", "cosine"), default="euclidean")
-    add("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    add("--k1", type=int, default=20)
-    add("--k2", type=int, default=6)
-    add("--lambda-value", type=float, default=0.3)
+    add("--rerank", action="store_true", help="k-reciprocal re-ranking, from the embeddings, on --device")
+    add("--k1", type=int, default=20, help="re-ranking: size of the k-reciprocal neighbour sets")
+    add("--k2", type=int, default=6, help="re-ranking: neighbours averaged in its local query expansion")
+    add("--lambda-value", type=float, default=0.3, help="re-ranking: weight of the original distance")
+    add("--aqe", action="store_true", help="average query expansion (α-weighted, as fast-reid) before ranking")
+    add("--aqe-k", type=int, default=5, help="AQE: neighbours averaged into each embedding, itself included")
+    add("--aqe-alpha", type=float, default=3.0, help="AQE: exponent α of the similarity weights")
     add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
     add("--latent-dim", type=int, default=512, help="latent size when no config.json says it")
     add("--batch-size", type=int, default=128)
@@ -187,11 +190,13 @@ def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.all_dir is None and args.backbone_dir is None:
         parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
-    for flag, value in (("--k1", args.k1), ("--k2", args.k2)):
+    for flag, value in (("--k1", args.k1), ("--k2", args.k2), ("--aqe-k", args.aqe_k)):
         if value < 1:
             parser.error(f"{flag} {value}: expected a positive number of neighbours")
     if not 0 <= args.lambda_value <= 1:
         parser.error(f"--lambda-value {args.lambda_value}: expected a weight between 0 and 1")
+    if not args.aqe_alpha >= 0:
+        parser.error(f"--aqe-alpha {args.aqe_alpha}: expected a non-negative exponent")
     return args
 
 
@@ -273,15 +278,17 @@ def output_dir(args: argparse.Namespace) -> Path:
     return args.out if args.out is not None else result_folder(args, "eval")
 
 
-def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace) -> np.ndarray:
-    """Query × gallery distances by --metric, re-ranked when --rerank."""
-    qf, gf = torch.from_numpy(found["qf"]), torch.from_numpy(found["gf"])
-    q_g = embedding_distance(qf, gf, args.metric).numpy()
-    if not args.rerank:
-        return q_g
-    q_q = embedding_distance(qf, qf, args.metric).numpy()
-    g_g = embedding_distance(gf, gf, args.metric).numpy()
-    return re_ranking(q_g, q_q, g_g, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace,
+                      device: torch.device | None = None) -> np.ndarray:
+    """Query × gallery distances by --metric, after --aqe's query expansion, re-ranked when --rerank; the
+    expansion and re-ranking run on `device`."""
+    qf, gf = found["qf"], found["gf"]
+    if args.aqe:
+        qf, gf = average_query_expansion(qf, gf, k=args.aqe_k, alpha=args.aqe_alpha, device=device)
+    if args.rerank:
+        return re_ranking_features(qf, gf, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
+                                   metric=args.metric, device=device, progress=True)
+    return embedding_distance(torch.from_numpy(qf), torch.from_numpy(gf), args.metric).numpy()
 
 
 @dataclass
@@ -311,7 +318,7 @@ def prepare_evaluation(args: argparse.Namespace, cache_dir: Path) -> EvaluationI
     prepared, device = dataset_root(args), resolve_device(args.device)
     model = load_model(settings, device)
     found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip)
-    return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args))
+    return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
 
 
 def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> dict[str, np.ndarray]:

@@ -157,7 +157,7 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
     qf, gf = qf.float(), gf.float()
     if metric == "cosine":
         qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-    out = torch.empty(qf.shape[0], gf.shape[0])
+    out = torch.empty(qf.shape[0], gf.shape[0], device=qf.device)
     g_norms = gf.pow(2).sum(1)
     for start in range(0, qf.shape[0], chunk_size):
         q = qf[start:start + chunk_size]
@@ -167,6 +167,15 @@ def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclide
             block = torch.addmm(q.pow(2).sum(1, keepdim=True) + g_norms[None, :], q, gf.T, alpha=-2)
             out[start:start + chunk_size] = block.clamp_(min=0)
     return out
+
+
+def distance_from_products(products: torch.Tensor, q_sq: torch.Tensor, g_sq: torch.Tensor,
+                           metric: str = "euclidean") -> torch.Tensor:
+    """Squared Euclidean or cosine distances of L2-normalised features from their inner products and squared
+    norms (broadcast against each other), by pairwise_distance's formula."""
+    if metric == "cosine":
+        return 1 - products
+    return (q_sq + g_sq - 2 * products).clamp_(min=0)
 
 
 def embedding_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:

@@ -287,6 +287,8 @@ def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: 
     (["--k2", "0"], "--k2 0: expected a positive number of neighbours"),
     (["--lambda-value", "1.5"], "--lambda-value 1.5: expected a weight between 0 and 1"),
     (["--max-rank", "0"], "--max-rank 0: expected a positive rank"),
+    (["--aqe-k", "0"], "--aqe-k 0: expected a positive number of neighbours"),
+    (["--aqe-alpha", "-1"], "--aqe-alpha -1.0: expected a non-negative exponent"),
 ])
 def test_out_of_range_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
