@@ -194,10 +194,11 @@ def gather_crops(store: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels to float, scaled to [0, 1] then normalised with ImageNet's statistics, in one pass each."""
+    """0..255 pixels (uint8 or float) to float normalised with ImageNet's statistics, (x/255 − mean)/std in one pass
+    (uint8 times a float scale is float: no separate conversion, a third of the time on the CPU)."""
     std = torch.tensor(IMAGENET_STD, device=pixels.device)[:, None, None]
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device)[:, None, None]
-    return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)
+    return torch.addcmul(-mean / std, pixels, 1 / (255 * std))
 
 
 def jitter_lighting(images: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
