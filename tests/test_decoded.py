@@ -15,6 +15,7 @@ from scipy import stats
 import decoded
 from datasets import IMAGENET_MEAN, IMAGENET_STD, PKSampler, build_transforms, load_train_records
 from decoded import AugmentParams, DecodedTrainLoader, augment_batch, batch_generator, draw_params
+from utils import UserError
 
 SIZE = (64, 32)  # pad-and-crop margin max(1, round(64 / 25.6)) = 2
 PAD = 2
@@ -187,3 +188,12 @@ def test_a_set_that_does_not_fit_falls_back_to_pil_with_a_message(synthetic_prep
     assert f"the {len(records)} training images at 64×32 need" in caplog.text and "--loader pil" in caplog.text
     images, labels, _, _ = next(iter(loader))
     assert images.shape == (8, 3, *SIZE) and len(labels) == 8
+
+
+def test_an_unreadable_image_is_named_while_decoding(synthetic_prepared: Path, tmp_path: Path):
+    records = load_train_records(synthetic_prepared)[0][:3]
+    broken = tmp_path / "0002_c1s1_000001_01.jpg"
+    broken.write_bytes(b"not a jpeg")
+    records[1] = type(records[1])(str(broken), 2, 1, 0)
+    with pytest.raises(UserError, match=f"{broken}: cannot read image"):
+        decoded.decode_records(records, SIZE, 2, torch.device("cpu"), progress=False)
