@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import SPLITS, build_transforms, dataset_identity, eval_loader, load_eval_records, manifest_path
+from datasets import SPLITS, dataset_identity, load_eval_records, manifest_path
+from decoded import evaluation_loader
 from metrics import embedding_distance, evaluate_rank
 from model import ReIDModel, load_part_state, read_state_dict
 from rerank import average_query_expansion, re_ranking_features
@@ -132,7 +133,7 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
     if not query or not gallery:
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
                         "both must be non-empty")
-    loader = eval_loader(query + gallery, build_transforms(settings["img_size"], False), batch_size, workers)
+    loader = evaluation_loader("tensor", query + gallery, tuple(settings["img_size"]), batch_size, workers, device)
     features, pids, camids = extract_features(model, loader, device, flip)
     n = len(query)
     found = {"qf": features[:n].numpy(), "gf": features[n:].numpy(), "q_pids": pids[:n], "g_pids": pids[n:],

@@ -72,30 +72,40 @@ def sparsity_l1(code: Tensor) -> Tensor:
     return code.abs().sum(1).mean()
 
 
-def mine_pairs(labels: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Balanced pairs (idx_i, idx_j, target) in a batch: every positive pair i < j, as many negatives.
+def balanced_pair_count(labels: Tensor) -> int:
+    """min(positive pairs, negative pairs) of a batch, counted from its labels (a device sync when they are on one)."""
+    counts = torch.unique(labels, return_counts=True)[1]
+    positives = int((counts * (counts - 1) // 2).sum())
+    return min(positives, len(labels) * (len(labels) - 1) // 2 - positives)
 
-    Half the negatives (rounded up) are the closest different-identity pairs by embedding distance, the rest
-    drawn at random from the others: with hard negatives only, the head learns that nearness means a stranger
-    and ranks random pairs backwards. Target is 1.0 for same-identity. With fewer negatives than positives the
-    farthest positives are kept, so counts stay equal.
+
+def pk_pair_count(batch: int, k: int) -> int:
+    """min(positive pairs, negative pairs) of a batch of identities with k images each, known from its shape."""
+    positives = batch * (k - 1) // 2
+    return min(positives, batch * (batch - 1) // 2 - positives)
+
+
+def mine_pairs(labels: Tensor, z: Tensor, count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Balanced pairs (idx_i, idx_j, target) in a batch: `count` positive pairs i < j, as many negatives.
+
+    `count` is min(positive, negative pairs): pk_pair_count's for a P×K batch, counted from the labels when None.
+    The farthest positives are kept (all of them when they are the fewer). Half the negatives (rounded up) are the
+    closest different-identity pairs by embedding distance, the rest drawn at random from the others: with hard
+    negatives only, the head learns that nearness means a stranger and ranks random pairs backwards. Every shape
+    follows from the batch size and `count`, so the mining queues on the device without waiting for it.
     """
+    count = balanced_pair_count(labels) if count is None else count
     with torch.no_grad():
-        dist = pairwise_distances(z.detach().float())
-        same = labels[:, None] == labels[None, :]
-        upper = torch.ones_like(same).triu(diagonal=1)
-        pos_i, pos_j = torch.nonzero(same & upper, as_tuple=True)
-        neg_i, neg_j = torch.nonzero(~same & upper, as_tuple=True)
-        n = min(len(pos_i), len(neg_i))
-        hard_pos = dist[pos_i, pos_j].argsort(descending=True)[:n]
-        by_distance = dist[neg_i, neg_j].argsort()
-        hard = (n + 1) // 2
-        rest = by_distance[hard:]
-        chosen_neg = torch.cat([by_distance[:hard], rest[torch.randperm(len(rest), device=rest.device)[:n - hard]]])
-    idx_i = torch.cat([pos_i[hard_pos], neg_i[chosen_neg]])
-    idx_j = torch.cat([pos_j[hard_pos], neg_j[chosen_neg]])
-    target = torch.cat([torch.ones(n, device=z.device), torch.zeros(n, device=z.device)])
-    return idx_i, idx_j, target
+        pair_i, pair_j = torch.triu_indices(len(labels), len(labels), offset=1, device=z.device)
+        dist = pairwise_distances(z.detach().float())[pair_i, pair_j]
+        same = labels[pair_i] == labels[pair_j]
+        hard = (count + 1) // 2
+        positives = torch.where(same, dist, float("-inf")).topk(count).indices
+        closest = torch.where(same, float("-inf"), -dist).topk(hard).indices
+        lottery = torch.where(same, -1.0, torch.rand(len(dist), device=z.device)).index_fill(0, closest, -1.0)
+        chosen = torch.cat([positives, closest, lottery.topk(count - hard).indices])
+    target = torch.cat([torch.ones(count, device=z.device), torch.zeros(count, device=z.device)])
+    return pair_i[chosen], pair_j[chosen], target
 
 
 def siamese_bce(logits: Tensor, target: Tensor) -> Tensor:
@@ -125,10 +135,12 @@ class LossWeights:
 
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
                model: Verifier | None, margin: float = 0.3, label_smoothing: float = 0.1,
-               sparsity_target: float = 0.05, sparsity_mode: str = "kl") -> tuple[Tensor, dict[str, Tensor]]:
+               sparsity_target: float = 0.05, sparsity_mode: str = "kl",
+               pair_count: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted sum of the terms, and each computed term (unweighted) by name.
 
-    `outputs` is ReIDModel.forward's dict; `model` is needed only for bce. Terms the autoencoder has
+    `outputs` is ReIDModel.forward's dict; `model` is needed only for bce, whose pairs number `pair_count` a kind
+    (mine_pairs; counted from the labels when None). Terms the autoencoder has
     nothing for are skipped: kl without μ (not a VAE), reconstruction without a decoder (`none`), sparsity
     without a sigmoid code (not an SAE).
     """
@@ -148,7 +160,7 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
         code = outputs["sparse_code"]
         terms["sparsity"] = sparsity_kl(code, sparsity_target) if sparsity_mode == "kl" else sparsity_l1(code)
     if weights.bce:
-        idx_i, idx_j, target = mine_pairs(labels, z)
+        idx_i, idx_j, target = mine_pairs(labels, z, pair_count)
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
     total = sum((getattr(weights, name) * term for name, term in terms.items()), z.sum() * 0.0)
     return total, terms

@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,14 +32,13 @@ from datasets import (
     PKSampler,
     build_transforms,
     dataset_identity,
-    eval_loader,
     load_eval_records,
     load_image,
     load_train_records,
     manifest_path,
-    train_loader,
 )
-from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, total_loss
+from decoded import LOADERS, evaluation_loader, training_loader
+from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, pk_pair_count, total_loss
 from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
 from utils import (
     CHECKPOINT_FILE,
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1),
         help="data-loading processes (default: the cores, at most 8; a GPU step needs several)")
+    add("--loader", choices=LOADERS, default="tensor",
+        help="tensor: images decoded once into one uint8 tensor (on the device when it fits, else in shared "
+        "memory; a set that fits neither falls back to pil with a message) and augmented a batch at a time; "
+        "pil: decoded and augmented image by image in --workers processes")
+    add("--compile", action="store_true", help="torch.compile the training step (forward and losses)")
     add("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     add("--eval-batch", type=int, default=128)
     add("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
@@ -251,10 +256,13 @@ class TrainStep(nn.Module):
         self.model, self.weights, self.balancer = model, weights, balancer
         self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
                         "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
+        self.batch_k = args.batch_k
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(images)
-        total, terms = total_loss(outputs, labels, self.weights, self.model, **self.options)
+        # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
+        total, terms = total_loss(outputs, labels, self.weights, self.model, **self.options,
+                                  pair_count=pk_pair_count(len(labels), self.batch_k))
         if self.balancer.mode != "fixed":
             total = self.balancer(terms)
         return total, terms
@@ -415,8 +423,52 @@ def distributed_context() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train as the flags say; return the run's summary (also written to summary.json)."""
+@dataclass
+class Run:
+    """A training run's state between its parts: what setup builds, and what each epoch and its bookkeeping change."""
+
+    args: argparse.Namespace
+    device: torch.device
+    world: int
+    writer: bool
+    result_dir: Path
+    records: list
+    model: ReIDModel
+    use_amp: bool
+    sampler: PKSampler
+    loader: Iterable
+    val_loader: Iterable | None
+    val_records: list
+    num_query: int
+    balancer: LossBalancer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step_module: nn.Module
+    steps_per_epoch: int
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_mAP": -1.0})
+    start_epoch: int = 1
+    start_batch: int = 0
+    step: int = 0
+    resumed_meters: dict = field(default_factory=dict)
+    meters: dict[str, AverageMeter] = field(default_factory=dict)
+    started: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.result_dir / CHECKPOINT_FILE
+
+    def save_checkpoint(self, epoch: int, batch: int) -> None:
+        """checkpoint.pt at (epoch, batch), the epoch's running means with it inside an epoch; rank 0 only."""
+        if self.writer:
+            save_torch(checkpoint_state(self.model, self.balancer, self.optimizer, self.scheduler, self.args, epoch,
+                                        batch, self.step, self.history, self.best, self.meters if batch else {}),
+                       self.checkpoint_path)
+
+
+def start_process(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): the process group under torchrun, the device, the seeds."""
     rank, world, local_rank = distributed_context()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -425,20 +477,14 @@ def train(args: argparse.Namespace) -> dict:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     seed_everything(args.seed, args.deterministic)
-    result_dir, writer = Path(args.result_dir), rank == 0
-    checkpoint_path = result_dir / CHECKPOINT_FILE
-    if checkpoint_path.exists() and not args.resume:
-        raise UserError(f"--result-dir {result_dir}: holds a run already; pass --resume to continue it "
-                        "or choose another --result-dir")
-    if args.resume and not checkpoint_path.exists():
-        raise UserError(f"--resume: no {CHECKPOINT_FILE} in {result_dir} to continue from")
+    return rank, world, device
 
-    records, num_classes = load_train_records(args.data)
-    val_query, val_gallery = load_eval_records(args.data, "val")
-    img_size = tuple(args.img_size)
+
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> tuple[ReIDModel, bool]:
+    """The model with its --pre-* parts on the device, and whether bf16 autocast is on."""
     try:
         model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
-                          pretrained=args.pretrained, last_stride=args.last_stride, img_size=img_size,
+                          pretrained=args.pretrained, last_stride=args.last_stride, img_size=tuple(args.img_size),
                           recon_target=args.recon_target)
     except ValueError as err:
         raise UserError(f"--backbone-name {args.backbone_name}: {err}") from err
@@ -447,115 +493,160 @@ def train(args: argparse.Namespace) -> dict:
     if args.amp and not use_amp:
         LOG.info("--amp needs CUDA; training in float32 on %s", device)
     model.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
+    return model, use_amp
 
-    sampler = PKSampler([r.label for r in records], args.batch_p, args.batch_k, seed=args.seed, rank=rank,
-                        world_size=world)
-    loader = train_loader(records, build_transforms(img_size, True, args.lighting, args.erasing), sampler, args.workers)
-    val_records = val_query + val_gallery
-    val_loader = eval_loader(val_records, build_transforms(img_size, False), args.eval_batch, args.workers)
-    steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
-    weights = loss_weights(args)
-    balancer = build_balancer(args, weights).to(device)
-    optimizer = build_optimizer(model, args, balancer)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
+
+def build_step_module(model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
+                      world: int, device: torch.device) -> nn.Module:
+    """TrainStep, wrapped in DistributedDataParallel under torchrun, compiled with --compile."""
     step_module: nn.Module = TrainStep(model, weights, balancer, args)
     if world > 1:
         unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
                   or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    return torch.compile(step_module) if args.compile else step_module
 
-    history: list[dict] = []
-    best = {"epoch": 0, "val_mAP": -1.0}
-    start_epoch, start_batch, step = 1, 0, 0
-    meters: dict[str, AverageMeter] = {}
+
+def setup_run(args: argparse.Namespace) -> Run:
+    """Everything a run needs before its first epoch: data, model, optimiser, schedule, and a resumed state."""
+    rank, world, device = start_process(args)
+    result_dir, writer = Path(args.result_dir), rank == 0
+    checkpoint_path = result_dir / CHECKPOINT_FILE
+    if checkpoint_path.exists() and not args.resume:
+        raise UserError(f"--result-dir {result_dir}: holds a run already; pass --resume to continue it "
+                        "or choose another --result-dir")
+    if args.resume and not checkpoint_path.exists():
+        raise UserError(f"--resume: no {CHECKPOINT_FILE} in {result_dir} to continue from")
+    records, num_classes = load_train_records(args.data)
+    val_query, val_gallery = load_eval_records(args.data, "val")
+    img_size = tuple(args.img_size)
+    model, use_amp = build_model(args, num_classes, device)
+    sampler = PKSampler([r.label for r in records], args.batch_p, args.batch_k, seed=args.seed, rank=rank,
+                        world_size=world)
+    progress = writer and not args.quiet
+    loader = training_loader(args.loader, records, sampler, img_size, args.erasing, args.lighting, args.workers,
+                             device, progress)
+    val_records = val_query + val_gallery
+    val_loader = evaluation_loader(args.loader, val_records, img_size, args.eval_batch, args.workers, device,
+                                   progress) if writer and val_query else None
+    weights = loss_weights(args)
+    balancer = build_balancer(args, weights).to(device)
+    optimizer = build_optimizer(model, args, balancer)
+    steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
+    run = Run(args, device, world, writer, result_dir, records, model, use_amp, sampler, loader, val_loader,
+              val_records, len(val_query), balancer, optimizer, scheduler,
+              build_step_module(model, weights, balancer, args, world, device), steps_per_epoch)
     if args.resume:
         state = restore_checkpoint(checkpoint_path, model, balancer, optimizer, scheduler, args)
-        start_epoch, start_batch, step, history, best = (state["epoch"], state["batch"], state["step"],
-                                                         state["history"], state["best"])
-        LOG.info("resumed %s at epoch %d, batch %d (step %d)", result_dir, start_epoch, start_batch, step)
+        run.start_epoch, run.start_batch, run.step, run.history, run.best = (
+            state["epoch"], state["batch"], state["step"], state["history"], state["best"])
+        run.resumed_meters = state["meters"]
+        LOG.info("resumed %s at epoch %d, batch %d (step %d)", result_dir, run.start_epoch, run.start_batch, run.step)
     if writer:
-        result_dir.mkdir(parents=True, exist_ok=True)
-        write_json(result_dir / "config.json", config_record(
-            args, num_classes=num_classes, train_images=len(records), world_size=world, device=str(device),
-            manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
-            parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
-            feat_dim=model.feat_dim, embed_dim=model.embed_dim))
-        LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",
-                 args.backbone_name, args.ae_name, num_classes, len(records), steps_per_epoch, device, world,
-                 result_dir / "config.json")
-        if not args.resume and val_query:
-            model.eval()
-            history.append({"epoch": 0, "step": 0, **validate(model, val_loader, len(val_query), device, args.data),
-                            **weight_record(balancer)})
-            LOG.info("untrained: val mAP %.4f Rank-1 %.4f", history[0]["val_mAP"], history[0]["val_rank1"])
+        write_run_config(run, num_classes, weights)
+    return run
 
-    def save_checkpoint(epoch: int, batch: int) -> None:
-        if writer:
-            save_torch(checkpoint_state(model, balancer, optimizer, scheduler, args, epoch, batch, step, history, best,
-                                        meters if batch else {}), checkpoint_path)
 
-    started = time.time()
-    images_seen = 0
-    shared = shared_layer(model)
+def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
+    """config.json, the run's opening line in the log, and on a fresh run the untrained model's validation."""
+    args, model = run.args, run.model
+    run.result_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run.result_dir / "config.json", config_record(
+        args, num_classes=num_classes, train_images=len(run.records), world_size=run.world, device=str(run.device),
+        manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
+        parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
+        feat_dim=model.feat_dim, embed_dim=model.embed_dim))
+    LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",
+             args.backbone_name, args.ae_name, num_classes, len(run.records), run.steps_per_epoch, run.device,
+             run.world, run.result_dir / "config.json")
+    if not args.resume and run.val_loader is not None:
+        model.eval()
+        run.history.append({"epoch": 0, "step": 0, **validate(model, run.val_loader, run.num_query, run.device,
+                                                               args.data), **weight_record(run.balancer)})
+        LOG.info("untrained: val mAP %.4f Rank-1 %.4f", run.history[0]["val_mAP"], run.history[0]["val_rank1"])
+
+
+def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -> bool:
+    """One epoch of steps (from the resumed batch in the first); True when a stop request or --max-steps ended it."""
+    args = run.args
+    run.sampler.set_epoch(epoch, run.start_batch if epoch == run.start_epoch else 0)
+    run.model.train()
+    run.meters = {name: AverageMeter() for name in ("loss", *LOSS_TERMS)}
+    if args.resume and epoch == run.start_epoch:
+        for name, (total_value, count) in run.resumed_meters.items():
+            run.meters[name].total, run.meters[name].count = total_value, count
+    batch_index = run.steps_per_epoch - len(run.sampler)
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not run.writer,
+               initial=batch_index, total=run.steps_per_epoch, leave=False)
+    for images, labels, _, _ in bar:
+        total, terms = batch_losses(run.step_module, images, labels, run.device, run.use_amp)
+        values = read_losses(total, terms)
+        if bad := non_finite(values):
+            run.save_checkpoint(epoch, batch_index)
+            name = next((n for n in bad if n != "loss"), "loss")
+            raise UserError(f"non-finite loss at epoch {epoch}, step {run.step} (batch {batch_index}): term "
+                            f"'{name}' = {values[name]}; the last good state is in {run.checkpoint_path}")
+        apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared)
+        run.step, batch_index, run.images_seen = run.step + 1, batch_index + 1, run.images_seen + images.shape[0]
+        for name, value in values.items():
+            run.meters[name].update(value, images.shape[0])
+        bar.set_postfix(loss=f"{run.meters['loss'].mean:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+        if stop.requested or (args.max_steps is not None and run.step >= args.max_steps):
+            run.save_checkpoint(epoch, batch_index)
+            LOG.info("stopped at step %d (epoch %d, batch %d); --resume continues", run.step, epoch, batch_index)
+            return True
+        if args.checkpoint_every and run.step % args.checkpoint_every == 0 and batch_index < run.steps_per_epoch:
+            run.save_checkpoint(epoch, batch_index)
+    bar.close()
+    return False
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    """The epoch's row (means, learning rates, speed, validation), the best parts, metrics, plots, checkpoint."""
+    args, model = run.args, run.model
+    row = {"epoch": epoch, "step": run.step, **{n: m.mean for n, m in run.meters.items() if m.count},
+           **{group["name"]: group["lr"] for group in run.optimizer.param_groups},
+           "images_per_s": run.images_seen / max(time.time() - run.started, 1e-9), **weight_record(run.balancer)}
+    if run.val_loader is not None and (epoch % args.eval_every == 0 or epoch == args.epochs):
+        model.eval()
+        row.update(validate(model, run.val_loader, run.num_query, run.device, args.data))
+    run.history.append(row)
+    if run.writer:
+        if run.val_loader is None or row.get("val_mAP", -1.0) > run.best["val_mAP"]:  # without validation, the last
+            run.best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
+            save_parts(model.parts(), run.result_dir)
+        write_jsonl(run.result_dir / "metrics.jsonl", run.history)
+        if args.recon_target == "image":
+            write_recon_grid(model, (run.val_records or run.records)[:8], tuple(args.img_size), run.device,
+                             run.result_dir / "recon.png")
+        plot_curves(run.history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], run.result_dir / "losses.png",
+                    f"{args.backbone_name} + {args.ae_name}")
+        plot_curves(run.history, [f"weight_{name}" for name in run.balancer.names], run.result_dir / "weights.png",
+                    f"loss weights ({args.balance})")
+        LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "
+                 f"{row['val_rank1']:.4f}" if "val_mAP" in row else "")
+    run.save_checkpoint(epoch + 1, 0)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train as the flags say; return the run's summary (also written to summary.json)."""
+    run = setup_run(args)
+    run.started = time.time()
+    shared = shared_layer(run.model)
     stop = StopRequest()
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-            model.train()
-            meters = {name: AverageMeter() for name in ("loss", *LOSS_TERMS)}
-            if args.resume and epoch == start_epoch:
-                for name, (total_value, count) in state["meters"].items():
-                    meters[name].total, meters[name].count = total_value, count
-            bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not writer,
-                       initial=steps_per_epoch - len(sampler), total=steps_per_epoch, leave=False)
-            batch_index = steps_per_epoch - len(sampler)
-            for images, labels, _, _ in bar:
-                total, terms = batch_losses(step_module, images, labels, device, use_amp)
-                values = read_losses(total, terms)
-                if bad := non_finite(values):
-                    save_checkpoint(epoch, batch_index)
-                    name = next((n for n in bad if n != "loss"), "loss")
-                    raise UserError(f"non-finite loss at epoch {epoch}, step {step} (batch {batch_index}): term "
-                                    f"'{name}' = {values[name]}; the last good state is in {checkpoint_path}")
-                apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
-                step, batch_index, images_seen = step + 1, batch_index + 1, images_seen + images.shape[0]
-                for name, value in values.items():
-                    meters[name].update(value, images.shape[0])
-                bar.set_postfix(loss=f"{meters['loss'].mean:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if stop.requested or (args.max_steps is not None and step >= args.max_steps):
-                    save_checkpoint(epoch, batch_index)
-                    LOG.info("stopped at step %d (epoch %d, batch %d); --resume continues", step, epoch, batch_index)
-                    return {"stopped_at_step": step}
-                if args.checkpoint_every and step % args.checkpoint_every == 0 and batch_index < steps_per_epoch:
-                    save_checkpoint(epoch, batch_index)
-            bar.close()
-            row = {"epoch": epoch, "step": step, **{n: m.mean for n, m in meters.items() if m.count},
-                   **{group["name"]: group["lr"] for group in optimizer.param_groups},
-                   "images_per_s": images_seen / max(time.time() - started, 1e-9), **weight_record(balancer)}
-            if writer and val_query and (epoch % args.eval_every == 0 or epoch == args.epochs):
-                model.eval()
-                row.update(validate(model, val_loader, len(val_query), device, args.data))
-            history.append(row)
-            if writer:
-                if not val_query or row.get("val_mAP", -1.0) > best["val_mAP"]:  # without validation, keep the last
-                    best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
-                    save_parts(model.parts(), result_dir)
-                write_jsonl(result_dir / "metrics.jsonl", history)
-                if args.recon_target == "image":
-                    write_recon_grid(model, (val_records or records)[:8], img_size, device, result_dir / "recon.png")
-                plot_curves(history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], result_dir / "losses.png",
-                            f"{args.backbone_name} + {args.ae_name}")
-                plot_curves(history, [f"weight_{name}" for name in balancer.names], result_dir / "weights.png",
-                            f"loss weights ({args.balance})")
-                LOG.info("epoch %d: loss %.4f%s", epoch, row["loss"], f", val mAP {row['val_mAP']:.4f} Rank-1 "
-                         f"{row['val_rank1']:.4f}" if "val_mAP" in row else "")
-            save_checkpoint(epoch + 1, 0)
+        for epoch in range(run.start_epoch, args.epochs + 1):
+            if train_epoch(run, epoch, stop, shared):
+                return {"stopped_at_step": run.step}
+            end_epoch(run, epoch)
     finally:
         stop.restore()
-    return finish(model, history, best, result_dir, started, images_seen, world, writer)
+    return finish(run.model, run.history, run.best, run.result_dir, run.started, run.images_seen, run.world,
+                  run.writer)
 
 
 def finish(model, history, best, result_dir: Path, started: float, images_seen: int, world: int, writer: bool) -> dict:

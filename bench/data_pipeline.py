@@ -1,7 +1,14 @@
-"""Speed of the data side: the synthetic generator, decoding, and decode + training transforms, in one run.
+"""Speed of the data side: the synthetic generator, decoding, decode + training transforms, and the training
+loader both ways (--loader pil and tensor), in one run.
 
 python bench/data_pipeline.py                    # the demo's synthetic set (100 + 100 identities, 128×64)
-python bench/data_pipeline.py --size 256 128 --json runs/bench/data.json
+python bench/data_pipeline.py --json runs/bench/data.json --img-size 256 128
+
+The training loader is timed over the same P×K batches at --img-size (default 256×128) both ways: `pil`, the
+images decoded and augmented one by one in --workers processes (train_loader), and `batched`, the set decoded once
+into one uint8 tensor (decoded.decode_records, its seconds reported apart) and augmented a batch at a time in as
+many torch threads. Besides images/s it reports CPU seconds an image (the processes' user + system time, workers
+included), which a busy shared machine inflates less than wall time.
 
 The transforms are timed against bare decoding (open, decode, RGB) of the same images, so the ratio says what
 augmentation costs. The set is also scored by a raw-pixel nearest-neighbour baseline (flattened pixels, each
@@ -12,6 +19,8 @@ training on sits well above chance and well below 50% mAP.
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 import tempfile
 import time
@@ -23,13 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import (  # noqa: E402
+    PKSampler,
     ReIDDataset,
     SyntheticConfig,
     build_transforms,
     load_image,
     load_market,
+    train_loader,
     write_synthetic,
 )
+from decoded import DecodedTrainLoader, decode_records  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
 from utils import write_json  # noqa: E402
 
@@ -73,12 +85,58 @@ def images_per_second(dataset: ReIDDataset, count: int) -> float:
     return count / seconds
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (the loader's workers once joined)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def batches_per_second(make_loader, sampler: PKSampler, batches: int) -> tuple[float, float]:
+    """(batches a second, CPU seconds a batch) over `batches` batches drawn epoch after epoch, workers joined."""
+    cpu_start, start, seen, epoch = cpu_seconds(), time.perf_counter(), 0, 0
+    loader = make_loader()
+    while seen < batches:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        for _ in zip(range(batches - seen), loader, strict=False):
+            seen += 1
+    wall = time.perf_counter() - start
+    del loader
+    gc.collect()  # the workers exit and are reaped, so their CPU time counts
+    return batches / wall, (cpu_seconds() - cpu_start) / batches
+
+
+def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int) -> dict[str, float]:
+    """The training loader's images/s and CPU seconds an image, --loader pil against the decoded tensor's."""
+    sampler = PKSampler([r.label for r in records], 16, 4, seed=0)
+    batch = 16 * 4
+    pil_rate, pil_cpu = batches_per_second(
+        lambda: train_loader(records, build_transforms(img_size, True), sampler, workers), sampler, batches)
+    torch.set_num_threads(max(1, workers))  # the same cores as the workers had
+    cpu_start, start = cpu_seconds(), time.perf_counter()
+    store = decode_records(records, img_size, workers, torch.device("cpu"), progress=False)
+    decode_s, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    rate, cpu = batches_per_second(
+        lambda: DecodedTrainLoader(store, records, sampler, 0.5, False, torch.device("cpu")), sampler, batches)
+    torch.set_num_threads(1)
+    return {"img_size": list(img_size), "workers": workers, "loader_images": batches * batch,
+            "pil_images_per_s": pil_rate * batch, "pil_cpu_ms_per_image": 1e3 * pil_cpu / batch,
+            "batched_images_per_s": rate * batch, "batched_cpu_ms_per_image": 1e3 * cpu / batch,
+            "decode_once_s": decode_s, "decode_once_cpu_s": decode_cpu, "decoded_images": len(records),
+            "batched_over_pil": rate / pil_rate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-ids", type=int, default=100)
     parser.add_argument("--test-ids", type=int, default=100)
     parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"))
     parser.add_argument("--images", type=int, default=2000, help="images to decode and transform")
+    parser.add_argument("--img-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                        help="the training loaders' input size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="pil's loader processes, and the batched path's torch threads (default: the cores)")
+    parser.add_argument("--batches", type=int, default=40, help="16×4 batches each training loader draws")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view
@@ -93,10 +151,12 @@ def main() -> None:
         train_rate = images_per_second(ReIDDataset(records, build_transforms(tuple(args.size), True)), args.images)
         test_rate = images_per_second(ReIDDataset(records, build_transforms(tuple(args.size), False)), args.images)
         baseline = pixel_baseline(Path(folder), tuple(args.size))
+        loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches)
     decode_rate = args.images / decode_s
     figures = {"size": list(args.size), "generated_images": generated, "generate_s": generate_s,
                "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
-               "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate, **baseline}
+               "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate,
+               **baseline, **loaders}
     print(f"synthetic set {args.train_ids} + {args.test_ids} identities at {args.size[0]}×{args.size[1]}, "
           f"one thread")
     print(f"  generator                       {generated / generate_s:8.0f} images/s  ({generated} images in "
@@ -108,6 +168,14 @@ def main() -> None:
           f"{100 * baseline['pixel_rank1']:.1f}% ({baseline['queries']} queries, {baseline['gallery']} gallery)")
     print(f"  chance (random distances)       mAP {100 * baseline['chance_mAP']:.1f}%, Rank-1 "
           f"{100 * baseline['chance_rank1']:.1f}%")
+    print(f"training loader, 16×4 batches at {args.img_size[0]}×{args.img_size[1]}, {args.workers} workers or threads")
+    print(f"  pil (decode + transforms a sample) {loaders['pil_images_per_s']:8.0f} images/s  "
+          f"{loaders['pil_cpu_ms_per_image']:.2f} CPU ms an image")
+    print(f"  batched (decoded tensor)           {loaders['batched_images_per_s']:8.0f} images/s  "
+          f"{loaders['batched_cpu_ms_per_image']:.2f} CPU ms an image  ({loaders['batched_over_pil']:.1f}× pil)")
+    print(f"  decoding once                      {loaders['decoded_images']} images in "
+          f"{loaders['decode_once_s']:.1f} s "
+          f"({loaders['decode_once_cpu_s']:.1f} CPU s)")
     if args.json:
         write_json(args.json, figures)
 

@@ -10,12 +10,13 @@ for --rounds rounds and each keeps its fastest, as the host's speed drifts (nota
                    identities, cross-entropy, backward and Adam, on one preloaded random P×K batch
   ours, tensors    ReIDModel + train.py's TrainStep (every loss term the flags switch on) and train.py's step
                    (the meters' read and finite check, backward, Adam, schedule), on the same preloaded batch
-  ours, pipeline   the same step fed by train_loader: P×K sampler, JPEG decoding and the training transforms,
-                   from a synthetic Market-format set at Market's own 128×64 (generated into a temporary folder
-                   unless --data names a prepared root)
-  loader alone     train_loader's batches with no model: how fast data loading can go with --workers
-The ratios are ours over the bare backbone's images/s; the target is 0.85 for "ours, pipeline" on this project's
-2-core CPU machine.
+  ours, pipeline   the same step fed by train.py's loader (--loader, default tensor: the set decoded once, each
+                   batch augmented at once; pil: JPEG decoding and the transforms in --workers processes), from a
+                   synthetic Market-format set at Market's own 128×64 (generated into a temporary folder unless
+                   --data names a prepared root)
+  loader alone     that loader's batches with no model: how fast data loading can go
+The ratios are ours over the bare backbone's images/s; the target is 0.95 for "ours, pipeline" on this project's
+2-core CPU machine. Train.py's flags go after `--`: `-- --loader pil`, `-- --compile`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from datasets import PKSampler, SyntheticConfig, build_transforms, load_train_records, train_loader  # noqa: E402
+from datasets import PKSampler, SyntheticConfig, load_train_records  # noqa: E402
+from decoded import training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
 
@@ -45,7 +47,7 @@ from utils import UserError, resolve_device, run_script, seed_everything  # noqa
 # came out 0.8 of its speed in round 2); CUDA's set has Market's 751 identities, so epochs are as long (about 190
 # batches) and the loader's refill at each epoch's start weighs as little as in real training.
 DEVICE_DEFAULTS = {"cpu": ((128, 64), 6, 2, 2, 100), "cuda": ((256, 128), 50, 10, 3, 751)}
-TARGET_RATIO = 0.85
+TARGET_RATIO = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -154,7 +156,7 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     optimizer = train.build_optimizer(model, train_args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
         s, 10**6, 0, train_args.scheduler, train_args.milestones))
-    step_module = train.TrainStep(model, weights, balancer, train_args)
+    step_module = train.build_step_module(model, weights, balancer, train_args, 1, device)
     shared = train.shared_layer(model)
 
     def step() -> None:
@@ -183,7 +185,6 @@ def measure(args, train_args) -> dict:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.arange(p, device=args.device).repeat_interleave(k)
         sampler = PKSampler([r.label for r in records], p, k, seed=args.seed)
-        transform = build_transforms(args.img_size, True, train_args.lighting, train_args.erasing)
         active: set[str] = set()
         source: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         ours = our_step(args, train_args, num_classes, lambda: source["batch"](), use_amp, active)
@@ -193,8 +194,10 @@ def measure(args, train_args) -> dict:
         for round_ in range(args.rounds):
             for name, step in steps.items():
                 # A fresh loader for each row, so no batches are prefetched while other rows run.
-                stream = endless(train_loader(records, transform, sampler, args.workers), sampler) \
+                loader = training_loader(train_args.loader, records, sampler, args.img_size, train_args.erasing,
+                                         train_args.lighting, args.workers, args.device, progress=False) \
                     if name in ("ours, pipeline", "loader alone") else None
+                stream = endless(loader, sampler) if loader is not None else None
                 source["batch"] = (lambda s=stream: next(s)) if stream else (lambda: (images, labels))
                 rows[name].append(timed(step, args.warmup, args.steps, args.device))
                 if stream:
@@ -208,7 +211,8 @@ def measure(args, train_args) -> dict:
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "backbone": train_args.backbone_name, "ae": train_args.ae_name,
         "img_size": list(args.img_size), "batch": [p, k], "steps": args.steps, "warmup": args.warmup,
-        "rounds": args.rounds, "workers": args.workers, "amp_bf16_channels_last": use_amp, "train_images": len(records),
+        "rounds": args.rounds, "workers": args.workers, "loader": train_args.loader, "compile": train_args.compile,
+        "amp_bf16_channels_last": use_amp, "train_images": len(records),
         "loss_terms": {n: w for n, w in vars(train.loss_weights(train_args)).items() if n in active},
         "last_stride": train_args.last_stride,
         "rows": {name: {"seconds": s, "ms_per_step": s / args.steps * 1e3, "images_per_s": batch * args.steps / s,
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     args, train_args = parse_args(argv)
     print(f"{train_args.backbone_name} + {train_args.ae_name}, batch "
           f"{args.batch[0]}×{args.batch[1]} at {args.img_size[0]}×{args.img_size[1]}, {args.steps} timed steps "
-          f"after {args.warmup}, best of {args.rounds} round(s), {args.workers} workers, on {args.device}", flush=True)
+          f"after {args.warmup}, best of {args.rounds} round(s), --loader {train_args.loader}, {args.workers} workers, "
+          f"on {args.device}", flush=True)
     result = measure(args, train_args)
     terms = ", ".join(f"{n} {w:g}" for n, w in result["loss_terms"].items())
     print(f"\n{result['device']}, {result['torch_threads']} torch threads, "

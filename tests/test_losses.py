@@ -17,6 +17,7 @@ from losses import (
     identity_loss,
     kl_normal,
     mine_pairs,
+    pk_pair_count,
     reconstruction_loss,
     siamese_bce,
     sparsity_kl,
@@ -199,6 +200,25 @@ def test_mine_pairs_takes_all_positives_and_hard_and_random_negatives():
 def test_mine_pairs_invariants_hold_for_any_batch(labels: list[int], seed: int):
     z = torch.randn(len(labels), 3, generator=torch.Generator().manual_seed(seed))
     check_mined_pairs(torch.tensor(labels), z)
+
+
+def test_a_pk_batch_pair_count_is_known_from_its_shape():
+    assert pk_pair_count(8, 2) == 4  # 4 positive pairs, 28 − 4 = 24 negative
+    assert pk_pair_count(12, 4) == 18  # 3 × 6 positive, 66 − 18 = 48 negative
+    assert pk_pair_count(6, 3) == 6  # 2 × 3 positive, 15 − 6 = 9 negative
+    assert pk_pair_count(4, 4) == 0  # one identity: 6 positive pairs, no negative one
+
+
+def test_mine_pairs_with_the_pk_count_mines_as_counting_does():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    z = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    counted = mine_pairs(labels, z)
+    torch.manual_seed(5)
+    known = mine_pairs(labels, z, pk_pair_count(9, 3))
+    for a, b in zip(counted, known, strict=True):
+        assert torch.equal(a, b)
+    assert len(known[0]) == 2 * 9
 
 
 def test_mine_pairs_is_empty_for_a_single_identity():
