@@ -136,9 +136,10 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
             mask = left_out(query["pids"][rows, None], query["cams"][rows, None], query["files"][rows, None],
                             gallery["pids"][None, cols], gallery["cams"][None, cols], gallery["files"][None, cols])
             dist[torch.from_numpy(mask)] = float("inf")
-            index = torch.arange(g0, g0 + dist.shape[1]).expand_as(dist)
-            run_d, order = torch.cat([run_d, dist], 1).sort(dim=1, stable=True)
-            run_i = torch.cat([run_i, index], 1).gather(1, order)
+            # The chunk's k best, back in gallery order, so the stable sort breaks ties by gallery index.
+            chunk_i = dist.topk(min(k, dist.shape[1]), dim=1, largest=False).indices.sort(dim=1).values
+            run_d, order = torch.cat([run_d, dist.gather(1, chunk_i)], 1).sort(dim=1, stable=True)
+            run_i = torch.cat([run_i, chunk_i + g0], 1).gather(1, order)
             run_d, run_i = run_d[:, :k], run_i[:, :k]
         width = run_d.shape[1]
         best_d[rows, :width], best_i[rows, :width] = run_d.numpy(), run_i.numpy()
