@@ -1,6 +1,6 @@
 """Gallery search past a million: faiss exact and IVF indexes against topk.py's exact torch search.
 
-python bench/faiss_search.py                       # 1,000,000 synthetic 512-d embeddings, 1,000 queries
+python bench/faiss_search.py                       # 1,000,000 synthetic 512-d embeddings, 200 queries
 python bench/faiss_search.py --n 100000 --queries 200 --json runs/bench/faiss_small.json
 
 The embeddings are drawn around --identities centres (a person's images lie close together, as a trained
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery embeddings")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--identities", type=int, default=100_000, help="cluster centres the embeddings lie around")
     parser.add_argument("--noise", type=float, default=0.7,
                         help="spread around a centre: the noise's norm over the centre's (both then normalised)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--nlist", type=int, default=4096, help="IVF cells")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64], help="IVF cells searched a query")
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF cells")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32], help="IVF cells searched a query")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")

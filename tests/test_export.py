@@ -29,7 +29,7 @@ def test_each_family_exports_with_a_dynamic_batch_and_equal_embeddings(synthetic
         found = session.run(["embedding"], {"images": batch.numpy()})[0]
         with torch.no_grad():
             expected = model.embed(batch).numpy()
-        assert found.shape == (len(batch), 16)
+        assert found.shape == (len(batch), model.embed_dim)
         np.testing.assert_allclose(found, expected, atol=1e-4)
 
 
