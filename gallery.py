@@ -123,7 +123,7 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
                gallery_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Each query's k closest gallery items (indices, distances; -1 and inf past the end), by exact distances
     computed a query chunk × gallery chunk at a time, keeping only a running top-k."""
-    qf, gf = normalised(query["features"]), normalised(gallery["features"])
+    qf, gf = normalised(query["features"]), gallery["features"]  # the gallery normalised a chunk at a time
     nq, ng = len(qf), len(gf)
     best_i, best_d = np.full((nq, k), -1, dtype=np.int64), np.full((nq, k), np.inf, dtype=np.float32)
     for q0 in tqdm(range(0, nq, query_chunk), desc="ranking", unit="chunk", leave=False):
@@ -132,7 +132,7 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
         run_i = torch.empty((len(qf[rows]), 0), dtype=torch.int64)
         for g0 in range(0, ng, gallery_chunk):
             cols = slice(g0, g0 + gallery_chunk)
-            dist = pairwise_distance(qf[rows], gf[cols], metric)
+            dist = pairwise_distance(qf[rows], normalised(gf[cols]), metric)
             mask = left_out(query["pids"][rows, None], query["cams"][rows, None], query["files"][rows, None],
                             gallery["pids"][None, cols], gallery["cams"][None, cols], gallery["files"][None, cols])
             dist[torch.from_numpy(mask)] = float("inf")
@@ -147,24 +147,23 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
     return best_i, best_d
 
 
-def faiss_index(features: np.ndarray, metric: str, kind: str, nlist: int, nprobe: int):
+def faiss_index(features: np.ndarray, metric: str, kind: str, nlist: int, nprobe: int, chunk: int = 65536):
     """A faiss index of unit-length embeddings: exact (IndexFlat) or inverted lists (IVF, `nlist` cells, `nprobe`
     searched); inner product for cosine, squared L2 for euclidean, the distances exact_topk computes."""
     import faiss
 
-    vectors = normalised(features).numpy()
-    dim = vectors.shape[1]
+    dim = features.shape[1]
     flat = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
-    if kind == "faiss":
-        flat.add(vectors)
-        return flat
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    index = faiss.IndexIVFFlat(flat, dim, min(nlist, len(vectors)), faiss_metric)
-    # k-means on a sample: 64 points a cell place the cells as well as all of a million do, in a quarter the time.
-    sample = np.random.default_rng(0).permutation(len(vectors))[:64 * nlist]
-    index.train(vectors[np.sort(sample)])
-    index.add(vectors)
-    index.nprobe = nprobe
+    index = flat
+    if kind == "faiss-ivf":
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+        index = faiss.IndexIVFFlat(flat, dim, min(nlist, len(features)), faiss_metric)
+        # k-means on a sample: 64 points a cell place the cells about as well as a million do, far faster.
+        sample = np.sort(np.random.default_rng(0).permutation(len(features))[:64 * nlist])
+        index.train(normalised(features[sample]).numpy())
+        index.nprobe = nprobe
+    for start in range(0, len(features), chunk):  # normalised a chunk at a time: no second copy of the gallery
+        index.add(normalised(features[start:start + chunk]).numpy())
     return index
 
 

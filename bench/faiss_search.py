@@ -27,14 +27,17 @@ import gallery  # noqa: E402
 from utils import write_json  # noqa: E402
 
 
-def clustered_embeddings(n: int, centres: np.ndarray, noise: float, seed: int, chunk: int = 100_000) -> np.ndarray:
-    """n unit-length embeddings, each a random centre plus Gaussian noise (`noise` per coordinate), in chunks."""
+def clustered_embeddings(n: int, centres: np.ndarray, noise: float, seed: int, chunk: int = 100_000,
+                         pool: int = 65536) -> np.ndarray:
+    """n unit-length embeddings, each a random centre plus Gaussian noise (`noise` per coordinate) drawn from a
+    pool of `pool` vectors with random signs (drawing a fresh vector each takes minutes at a million), in chunks."""
     rng = np.random.default_rng(seed)
+    noises = noise * rng.standard_normal((pool, centres.shape[1]), dtype=np.float32)
     out = np.empty((n, centres.shape[1]), dtype=np.float32)
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        block = centres[rng.integers(0, len(centres), rows)] + noise * rng.standard_normal(
-            (rows, centres.shape[1]), dtype=np.float32)
+        signs = rng.choice(np.array([-1, 1], dtype=np.float32), size=(rows, 1))
+        block = centres[rng.integers(0, len(centres), rows)] + signs * noises[rng.integers(0, pool, rows)]
         out[start:start + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
