@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,6 +151,7 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
 def faiss_index(features: np.ndarray, metric: str, kind: str, nlist: int, nprobe: int, chunk: int = 65536):
     """A faiss index of unit-length embeddings: exact (IndexFlat) or inverted lists (IVF, `nlist` cells, `nprobe`
     searched); inner product for cosine, squared L2 for euclidean, the distances exact_topk computes."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its search for CPU-specific builds is noise
     import faiss
 
     dim = features.shape[1]
