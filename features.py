@@ -8,18 +8,28 @@ import hashlib
 import io
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from datasets import SPLITS, dataset_identity, load_eval_records, manifest_path
-from decoded import evaluation_loader
+from datasets import (
+    SPLITS,
+    build_transforms,
+    dataset_identity,
+    detach_from_terminal_signals,
+    load_eval_records,
+    load_image,
+    manifest_path,
+)
 from metrics import embedding_distance, evaluate_rank
-from model import ReIDModel, load_part_state, read_state_dict
+from model import ReIDModel, build_trained, trained_settings
 from rerank import average_query_expansion, re_ranking_features
 from utils import (
     LOG,
@@ -34,23 +44,84 @@ from utils import (
 )
 
 
+def embed_batch(model: ReIDModel, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Embeddings of a transformed batch on the model's device, as float32 on the CPU (summed with the mirror
+    image's when `flip`). They are kept raw, as the Siamese head takes them; retrieval normalises them."""
+    images = images.to(next(model.parameters()).device, non_blocking=True)
+    embedding = model.embed(images).float()
+    if flip:
+        embedding = embedding + model.embed(torch.flip(images, dims=[3])).float()
+    return embedding.cpu()
+
+
 @torch.no_grad()
 def extract_features(model, loader, device: torch.device, flip: bool = False,
                      progress: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Embeddings of every image a loader yields (summed with the mirror image's when `flip`), with the person
-    ids and cameras. They are kept raw, as the Siamese head takes them; retrieval normalises them."""
+    """Embeddings of every image a record loader yields, with the person ids and cameras (train.py's validation)."""
     model.eval()
     features, pids, camids = [], [], []
     for images, batch_pids, batch_camids, _ in tqdm(loader, desc="embedding", unit="batch", disable=not progress,
                                                     leave=False):
-        images = images.to(device, non_blocking=True)
-        embedding = model.embed(images).float()
-        if flip:
-            embedding = embedding + model.embed(torch.flip(images, dims=[3])).float()
-        features.append(embedding.cpu())
+        features.append(embed_batch(model, images, flip))
         pids.append(batch_pids.numpy())
         camids.append(batch_camids.numpy())
     return torch.cat(features), np.concatenate(pids), np.concatenate(camids)
+
+
+ImageInput = str | Path | Image.Image | torch.Tensor
+
+
+class ImageList(Dataset):
+    """Images given as paths, PIL images or C×H×W RGB tensors (uint8, or float in [0, 1]), each with the test
+    transforms: (tensor, index, readable). An unreadable file gives a blank tensor and readable False when
+    `skip_unreadable`, else a UserError naming it."""
+
+    def __init__(self, images: Sequence[ImageInput], img_size: tuple[int, int], skip_unreadable: bool = False):
+        self.images, self.img_size, self.skip_unreadable = images, tuple(img_size), skip_unreadable
+        self.transform = build_transforms(self.img_size, False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        item = self.images[index]
+        if isinstance(item, torch.Tensor):
+            # Rounded, not truncated as to_pil_image does: a float image read from a file gives its bytes back.
+            item = to_pil_image(item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().byte())
+        elif not isinstance(item, Image.Image):
+            try:
+                item = load_image(str(item))
+            except UserError:
+                if not self.skip_unreadable:
+                    raise
+                return torch.zeros(3, *self.img_size), index, False
+        return self.transform(item.convert("RGB")), index, True
+
+
+@torch.no_grad()
+def embedding_batches(model: ReIDModel, images: Sequence[ImageInput], batch_size: int = 64, flip: bool = False,
+                      workers: int = 0, skip_unreadable: bool = False,
+                      progress: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(indices, embeddings) batch by batch, in order; with `skip_unreadable`, unreadable files are left out."""
+    model.eval()
+    loader = DataLoader(ImageList(images, model.img_size, skip_unreadable), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=detach_from_terminal_signals)
+    with tqdm(total=len(images), desc="embedding", unit="image", disable=not progress, leave=False) as bar:
+        for batch, indices, readable in loader:
+            bar.update(len(indices))
+            if readable.any():
+                yield indices[readable].numpy(), embed_batch(model, batch[readable], flip)
+
+
+def embed_images(model: ReIDModel, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64,
+                 flip: bool = False, workers: int = 0, progress: bool = False) -> torch.Tensor:
+    """Embeddings [N, embed_dim] of paths, PIL images or C×H×W tensors (a 4-D tensor is N of them), resized and
+    normalised as the model was tested (its img_size); raw, as eval.py caches them."""
+    if len(images) == 0:
+        return torch.empty(0, model.embed_dim)
+    return torch.cat([embedding for _, embedding in embedding_batches(model, images, batch_size, flip, workers,
+                                                                      progress=progress)])
 
 
 def model_settings(args: argparse.Namespace) -> dict:
@@ -82,42 +153,22 @@ def model_settings(args: argparse.Namespace) -> dict:
     files = {part: part_file(path, part, f"--{part}_dir") for part, path in sources.items()
              if path is not None and (part != "classifier" or args.classifier_dir or
                                       (Path(path) / PART_FILES["classifier"]).is_file())}
-    return {"backbone": backbone, "ae": ae, "files": {k: str(v) for k, v in files.items()},
-            "latent_dim": int(flags.get("latent_dim") or args.latent_dim),
-            "img_size": tuple(args.img_size or flags.get("img_size") or (256, 128)),
-            "last_stride": int(flags.get("last_stride") or 1), "num_classes": flags.get("num_classes"),
-            "recon_target": flags.get("recon_target") or "feature"}
+    return trained_settings(flags, files, flags.get("num_classes"), backbone, ae, args.img_size, args.latent_dim)
 
 
-def load_model(settings: dict, device: torch.device) -> ReIDModel:
-    """Build the model named by `settings` and load its saved parts, naming a part that does not fit."""
-    states = {part: read_state_dict(path) for part, path in settings["files"].items()}
-    num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
-    try:
-        model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
-                          last_stride=settings["last_stride"], img_size=settings["img_size"],
-                          recon_target=settings["recon_target"])
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    parts = model.parts()
-    for part, state in states.items():
-        try:
-            load_part_state(parts[part], state, part)
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{settings['files'][part]}: does not fit {settings['backbone']} + {settings['ae']}: "
-                            f"{err}") from err
-    return model.to(device).eval()
-
-
-def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
-    """What the cached features depend on: the part files' bytes, the split manifest, the image size, flipping."""
+def model_fingerprint(settings: dict, flip: bool) -> str:
+    """What a model's embeddings depend on: its embedding parts' bytes, the image size and flipping."""
     digest = hashlib.sha256()
     for part in sorted(settings["files"]):
         if part != "classifier":
             digest.update(sha256_file(settings["files"][part]).encode())
-    digest.update(sha256_file(manifest).encode())
-    digest.update(f"{settings['img_size']}{flip}raw".encode())
+    digest.update(f"{tuple(settings['img_size'])}{flip}raw".encode())
     return digest.hexdigest()
+
+
+def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
+    """What a split's cached features depend on: the model and the split manifest."""
+    return hashlib.sha256((model_fingerprint(settings, flip) + sha256_file(manifest)).encode()).hexdigest()
 
 
 def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
@@ -133,10 +184,11 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
     if not query or not gallery:
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
                         "both must be non-empty")
-    loader = evaluation_loader("tensor", query + gallery, tuple(settings["img_size"]), batch_size, workers, device)
-    features, pids, camids = extract_features(model, loader, device, flip)
+    records = query + gallery
+    features = embed_images(model, [r.path for r in records], batch_size, flip, workers, progress=True).numpy()
+    pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
     n = len(query)
-    found = {"qf": features[:n].numpy(), "gf": features[n:].numpy(), "q_pids": pids[:n], "g_pids": pids[n:],
+    found = {"qf": features[:n], "gf": features[n:], "q_pids": pids[:n], "g_pids": pids[n:],
              "q_camids": camids[:n], "g_camids": camids[n:],
              "q_files": np.array([str(Path(r.path).relative_to(prepared)) for r in query]),
              "g_files": np.array([str(Path(r.path).relative_to(prepared)) for r in gallery])}
@@ -145,15 +197,6 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
         np.savez(buffer, key=np.array(key), **found)
         atomic_write_bytes(cache, buffer.getvalue())
     return found
-
-
-def classifier_classes(state: dict | None) -> int | None:
-    """The number of training identities, read off a saved classifier's output layer."""
-    if state is None:
-        return None
-    weight = state.get("identity.fc.weight")
-    return int(weight.shape[0]) if weight is not None else None
-
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -317,7 +360,7 @@ def prepare_evaluation(args: argparse.Namespace, cache_dir: Path) -> EvaluationI
     """Load the model, embed the split (or read the cache in `cache_dir`) and compute the ranking distances."""
     settings = model_settings(args)
     prepared, device = dataset_root(args), resolve_device(args.device)
-    model = load_model(settings, device)
+    model = build_trained(settings, device)
     found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip)
     return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from utils import UserError, load_torch
+from utils import PART_FILES, UserError, load_torch, read_json, resolve_device
 
 
 class PretrainedWeightsError(UserError, RuntimeError):
@@ -396,7 +396,7 @@ class ReIDModel(nn.Module):
         self.recon_target, self.recon_size = recon_target, recon_size(img_size)
         if recon_target == "image":  # part of the autoencoder, so it is saved and loaded with it (ae.pt)
             self.ae.image_decoder = ImageDecoder(self.ae.latent_dim, self.recon_size)
-        self.embed_dim = self.ae.latent_dim
+        self.embed_dim, self.img_size = self.ae.latent_dim, tuple(img_size)
         self.classifier = Heads(self.embed_dim, num_classes)
 
     def parts(self) -> dict[str, nn.Module]:
@@ -424,3 +424,64 @@ class ReIDModel(nn.Module):
             out["recon_target"] = feat.detach() if out["recon"] is not None else None
         out["logits"] = self.classifier.identity(out["z"])
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a result directory to a model in eval mode: the one path eval.py, topk.py and export.py take
+# ---------------------------------------------------------------------------------------------------------
+
+
+def trained_settings(flags: dict, files: dict[str, str], num_classes: int | None = None, backbone: str | None = None,
+                     ae: str | None = None, img_size: tuple[int, int] | None = None,
+                     latent_dim: int | None = None) -> dict:
+    """What rebuilds a trained model: names, sizes and part files, from config.json's flags unless given."""
+    return {"backbone": backbone or flags.get("backbone_name"), "ae": ae or flags.get("ae_name"),
+            "files": {part: str(path) for part, path in files.items()},
+            "latent_dim": int(flags.get("latent_dim") or latent_dim or 512),
+            "img_size": tuple(img_size or flags.get("img_size") or (256, 128)),
+            "last_stride": int(flags.get("last_stride") or 1), "num_classes": num_classes,
+            "recon_target": flags.get("recon_target") or "feature"}
+
+
+def result_settings(result_dir: str | Path) -> dict:
+    """trained_settings of a result directory of train.py: its config.json and part files."""
+    folder = Path(result_dir)
+    config = read_json(folder / "config.json")
+    files = {part: folder / name for part, name in PART_FILES.items() if (folder / name).is_file()}
+    for part in ("backbone", "ae"):
+        if part not in files:
+            raise UserError(f"{folder}: no {PART_FILES[part]} (expected a result directory of train.py)")
+    return trained_settings(config["flags"], files, config.get("num_classes"))
+
+
+def classifier_classes(state: dict | None) -> int | None:
+    """The number of training identities, read off a saved classifier's output layer."""
+    if state is None:
+        return None
+    weight = state.get("identity.fc.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def build_trained(settings: dict, device: str | torch.device = "cpu") -> ReIDModel:
+    """The model named by `settings` with its saved parts loaded, in eval mode; a part that does not fit is named."""
+    states = {part: read_state_dict(path) for part, path in settings["files"].items()}
+    num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
+    try:
+        model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
+                          last_stride=settings["last_stride"], img_size=settings["img_size"],
+                          recon_target=settings["recon_target"])
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    parts = model.parts()
+    for part, state in states.items():
+        try:
+            load_part_state(parts[part], state, part)
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"{settings['files'][part]}: does not fit {settings['backbone']} + {settings['ae']}: "
+                            f"{err}") from err
+    return model.to(resolve_device(str(device))).eval()
+
+
+def load_trained(result_dir: str | Path, device: str | torch.device = "cpu") -> ReIDModel:
+    """The trained model of a result directory in eval mode: parts, flags and image size from the directory."""
+    return build_trained(result_settings(result_dir), device)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import hashlib
 import html
 import io
 import re
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,14 +27,27 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import features
+import gallery
 from datasets import load_image
 from metrics import protocol_masks
-from utils import LOG, UserError, atomic_write_bytes, config_record, run_script, save_image, setup_logging, write_json
+from model import build_trained
+from utils import (
+    LOG,
+    UserError,
+    atomic_write_bytes,
+    config_record,
+    resolve_device,
+    run_script,
+    save_image,
+    setup_logging,
+    write_json,
+)
 
 BORDER = 3  # frame width around each image, pixels
 GAP = 4  # space between tiles
 CAPTION = 26  # caption band under each tile: two lines of the default font
-COLOURS = {"query": (40, 90, 230), "match": (0, 170, 0), "mismatch": (215, 0, 0), "removed": (150, 150, 150)}
+COLOURS = {"query": (40, 90, 230), "match": (0, 170, 0), "mismatch": (215, 0, 0), "removed": (150, 150, 150),
+           "unknown": (60, 60, 60)}  # unknown: a folder image without a Market name, so no truth
 SELF, SAME_CAMERA, JUNK = "the query itself", "same camera", "junk"
 
 
@@ -126,17 +141,25 @@ def grid(tiles: Sequence[Image.Image]) -> Image.Image:
 
 
 def index_page(title: str, summary: str, entries: Sequence[dict]) -> str:
-    """A self-contained HTML page showing every grid with its query's AP; relative links, so it opens from disk."""
-    blocks = []
-    for entry in entries:
-        ap = "skipped: no true match left" if entry["ap"] is None else f"AP {100 * entry['ap']:.1f}%"
-        blocks.append(f'<figure><figcaption>{html.escape(entry["query"])} · identity {entry["pid"]}, camera '
-                      f'{entry["camid"]} · {ap}</figcaption><img src="{html.escape(entry["grid"])}" '
-                      f'alt="{html.escape(entry["query"])}"></figure>')
+    """A self-contained HTML page showing every grid under its caption; relative links, so it opens from disk."""
+    blocks = [f'<figure><figcaption>{html.escape(entry["caption"])}</figcaption><img src="'
+              f'{html.escape(urllib.parse.quote(entry["grid"]))}" alt="{html.escape(entry["query"])}"></figure>'
+              for entry in entries]
     return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
             "body{font-family:sans-serif;margin:1em}figure{margin:0 0 1.2em 0}"
             "figcaption{margin-bottom:.3em}img{image-rendering:pixelated;max-width:100%}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>\n" + "\n".join(blocks) + "\n</body></html>\n")
+
+
+def write_tables(out: Path, rows: Sequence[dict], fieldnames: Sequence[str], title: str, summary: str,
+                 entries: Sequence[dict]) -> None:
+    """ranks.csv (one row a shown gallery image, rank 1 first) and index.html, atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "ranks.csv", text.getvalue().encode())
+    atomic_write_bytes(out / "index.html", index_page(title, summary, entries).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,8 +172,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     features.add_model_flags(parser)
     parser.add_argument("--k", type=int, default=10, help="gallery images a query")
-    parser.add_argument("--queries", nargs="+", default=["random:8"],
-                        help="query file names, random:N, or worst:N (the N lowest-AP queries)")
+    parser.add_argument("--queries", nargs="+",
+                        help="query file names, random:N, or worst:N (the N lowest-AP queries; default random:8); "
+                        "with --gallery, image files or folders of them")
+    parser.add_argument("--gallery", type=Path,
+                        help="search a plain folder of images (recursively, any extension PIL reads), not a split")
+    parser.add_argument("--index", choices=gallery.INDEXES, default="exact",
+                        help="with --gallery: exact torch search in chunks, a faiss exact index, or faiss IVF "
+                        "(approximate)")
+    parser.add_argument("--faiss-nlist", type=int, default=1024, help="faiss-ivf: inverted lists (cells)")
+    parser.add_argument("--faiss-nprobe", type=int, default=16, help="faiss-ivf: cells searched a query")
     parser.add_argument("--score", choices=("distance", "verifier"), default="distance",
                         help="rank by embedding distance (as eval.py) or by the Siamese head's same-person probability")
     parser.add_argument("--show-removed", action="store_true",
@@ -159,6 +190,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = features.parse_model_args(parser, argv)
     if args.k < 1:
         parser.error(f"--k {args.k}: expected a positive number of gallery images")
+    if args.gallery is not None and not args.queries:
+        parser.error("--gallery: give --queries IMAGE_OR_FOLDER [...] to search it with")
+    if args.gallery is None and args.index != "exact":
+        parser.error(f"--index {args.index}: only with --gallery (benchmark splits are ranked exactly)")
+    if min(args.faiss_nlist, args.faiss_nprobe) < 1:
+        parser.error("--faiss-nlist and --faiss-nprobe: expected positive numbers")
+    args.queries = args.queries or ["random:8"]
     return args
 
 
@@ -175,6 +213,11 @@ def ranking(inputs: features.EvaluationInputs, args: argparse.Namespace, cache_d
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    return folder_topk(args) if args.gallery is not None else split_topk(args)
+
+
+def split_topk(args: argparse.Namespace) -> dict:
+    """Grids, ranks.csv and index.html for queries of a prepared split, ranked as eval.py ranks."""
     out = args.out if args.out is not None else features.result_folder(args, "topk")
     cache_dir = features.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
     inputs = features.prepare_evaluation(args, cache_dir)
@@ -207,23 +250,101 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          score_name: f"{score:.6f}", "match": int(match), "removed": removed})
         grid_name = f"grids/{Path(found['q_files'][q]).with_suffix('').as_posix().replace('/', '_')}.png"
         save_image(grid(tiles), out / grid_name)
+        caption = (f"{found['q_files'][q]} · identity {found['q_pids'][q]}, camera {found['q_camids'][q]} · "
+                   + ("skipped: no true match left" if ap is None else f"AP {100 * ap:.1f}%"))
         entries.append({"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
-                        "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name})
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["query", "rank", "gallery", "pid", "camid", score_name, "match",
-                                              "removed"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "ranks.csv", text.getvalue().encode())
+                        "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name, "caption": caption})
     settings = inputs.settings
     title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} by {args.score} on {args.split}"
     summary = (f"mAP {100 * result['mAP']:.1f}% and Rank-1 {100 * result['cmc'][0]:.1f}% over "
                f"{result['num_valid_queries']} queries by this ranking. Frames: blue the query, green the same "
                "person, red another" + (", grey left out by the protocol (same camera or junk)."
                                          if args.show_removed else "."))
-    atomic_write_bytes(out / "index.html", index_page(title, summary, entries).encode())
+    write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", score_name, "match", "removed"], title,
+                 summary, entries)
     report = config_record(args, model=settings, data=features.data_provenance(args, prepared), mAP=result["mAP"],
                            rank1=float(result["cmc"][0]), queries=entries)
+    write_json(out / "topk.json", report)
+    LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder search: a plain folder of images as the gallery (--gallery)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def folder_side(model, settings: dict, files: list[Path], args: argparse.Namespace, cache: Path | None) -> dict:
+    """Embeddings, display names, resolved paths and Market labels of the readable files of one side."""
+    found = gallery.gallery_features(model, settings, files, cache, args.batch_size, args.workers, args.flip)
+    kept = [Path(f) for f in found["files"]]
+    pids, cams = gallery.market_labels(kept)
+    return {"features": found["features"], "names": [str(f) for f in kept], "pids": pids, "cams": cams,
+            "files": np.array([str(f.resolve()) for f in kept]), "unreadable": found["unreadable"].tolist()}
+
+
+def folder_ranking(query: dict, side: dict, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery indices and distances of every query by --index."""
+    if args.index == "exact":
+        return gallery.exact_topk(query, side, args.k, args.metric)
+    index = gallery.faiss_index(side["features"], args.metric, args.index, args.faiss_nlist, args.faiss_nprobe)
+    return gallery.faiss_topk(index, query, side, args.k, args.metric)
+
+
+def folder_grid(query: dict, side: dict, q: int, top_i: np.ndarray, top_d: np.ndarray, img_size: tuple[int, int],
+                out: Path) -> tuple[list[dict], dict]:
+    """One query's grid (saved) with its ranks.csv rows and index entry; truth frames only where both are labelled."""
+    q_pid, q_cam, q_labelled = query["pids"][q], query["cams"][q], query["pids"][q] != gallery.UNLABELLED
+    label = f"Q {q_pid} c{q_cam}" if q_labelled else "Q"
+    tiles = [tile(load_image(query["files"][q]), COLOURS["query"], [label, Path(query["names"][q]).stem], img_size)]
+    rows = []
+    for rank, (g, dist) in enumerate(zip(top_i, top_d, strict=True), start=1):
+        if g < 0:
+            break
+        pid, cam = int(side["pids"][g]), int(side["cams"][g])
+        known = q_labelled and pid != gallery.UNLABELLED
+        match = known and pid == q_pid and pid > 0
+        colour = COLOURS["match" if match else "mismatch"] if known else COLOURS["unknown"]
+        head = f"#{rank} {pid} c{cam}" if pid != gallery.UNLABELLED else f"#{rank}"
+        tiles.append(tile(load_image(side["files"][g]), colour, [head, f"d {dist:.3f}"], img_size))
+        rows.append({"query": query["names"][q], "rank": rank, "gallery": side["names"][g],
+                     "pid": "" if pid == gallery.UNLABELLED else pid, "camid": "" if cam == gallery.UNLABELLED else cam,
+                     "distance": f"{dist:.6f}", "match": int(match) if known else ""})
+    grid_name = f"grids/{q:04d}_{Path(query['names'][q]).stem}.png"
+    save_image(grid(tiles), out / grid_name)
+    caption = f"{query['names'][q]}" + (f" · identity {q_pid}, camera {q_cam}" if q_labelled else "")
+    return rows, {"query": query["names"][q], "grid": grid_name, "caption": caption}
+
+
+def folder_topk(args: argparse.Namespace) -> dict:
+    """Search --gallery with --queries: grids, ranks.csv, index.html and topk.json; the gallery is cached."""
+    settings = features.model_settings(args)
+    model = build_trained(settings, resolve_device(args.device))
+    out = args.out if args.out is not None else features.result_folder(args, "search")
+    gallery_files = gallery.list_images([args.gallery], "--gallery")
+    folder_name = hashlib.sha256(str(args.gallery.resolve()).encode()).hexdigest()[:12]
+    side = folder_side(model, settings, gallery_files, args,
+                       None if args.no_cache else out / f"gallery_{folder_name}.npz")
+    query = folder_side(model, settings, gallery.list_images(args.queries, "--queries"), args, None)
+    if not len(side["files"]) or not len(query["files"]):
+        raise UserError(f"--gallery {args.gallery} / --queries: no readable images to rank")
+    top_i, top_d = folder_ranking(query, side, args)
+    rows, entries = [], []
+    for q in tqdm(range(len(query["files"])), desc="grids", unit="query"):
+        mine, entry = folder_grid(query, side, q, top_i[q], top_d[q], tuple(settings["img_size"]), out)
+        rows += mine
+        entries.append(entry)
+    unreadable = side["unreadable"] + query["unreadable"]
+    for name in unreadable:
+        LOG.warning("skipped, unreadable: %s", name)
+    title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} of {args.gallery} by {args.metric} distance"
+    summary = (f"{len(query['files'])} queries against {len(side['files'])} gallery images ({args.index} search); "
+               f"{len(unreadable)} unreadable images skipped. Frames: blue the query, green the same person and red "
+               "another where both names are Market-style, dark grey otherwise (no truth).")
+    write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", "distance", "match"], title, summary,
+                 entries)
+    report = config_record(args, model=settings, gallery_images=len(side["files"]), queries=entries,
+                           unreadable=unreadable)
     write_json(out / "topk.json", report)
     LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
     return report

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eval as evaluation
-import features
 import verification
 from datasets import load_eval_records
 from metrics import evaluate_rank, pairwise_distance, protocol_masks
+from model import build_trained
 from rerank import re_ranking
 from utils import UserError, save_torch, sha256_file
 
@@ -302,7 +302,7 @@ def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_pa
     stored = json.loads((tmp_path / "results.json").read_text())["verification"]
     assert stored == report["verification"]
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "pr.png").is_file()
-    model = features.load_model(report["model"], torch.device("cpu"))
+    model = build_trained(report["model"])
     with np.load(tmp_path / "features_test.npz") as plain:  # the unflipped features, extracted for the head
         feats = np.concatenate([plain["qf"], plain["gf"]])
         pids = np.concatenate([plain["q_pids"], plain["g_pids"]])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import features
 import topk
 from metrics import evaluate_rank, pairwise_distance
+from model import build_trained
 from utils import UserError
 
 # The tiny run's images are 64×32; a tile is the image in a 3-pixel frame over a 26-pixel caption band, and
@@ -125,7 +125,7 @@ def test_verifier_ranks_by_the_siamese_probability_and_never_shows_the_query(tin
     report = topk.main(["--all-dir", str(tiny_run), "--split", "seed_test", "--score", "verifier", "--k", "8",
                         "--queries", "random:5", "--show-removed", "--out", str(tmp_path), "--workers", "0"])
     rows = read_ranks(tmp_path)
-    model = features.load_model(report["model"], torch.device("cpu"))
+    model = build_trained(report["model"])
     with np.load(tiny_run / "eval_seed_test" / "features_seed_test.npz") as cached:
         feats = dict(zip(cached["g_files"], cached["gf"], strict=True))
     for entry in report["queries"]:
