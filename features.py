@@ -84,7 +84,7 @@ def model_settings(args: argparse.Namespace) -> dict:
             "latent_dim": int(flags.get("latent_dim") or args.latent_dim),
             "img_size": tuple(args.img_size or flags.get("img_size") or (256, 128)),
             "last_stride": int(flags.get("last_stride") or 1), "num_classes": flags.get("num_classes"),
-            "recon_target": flags.get("recon_target") or "feature"}
+            "recon_target": flags.get("recon_target") or "feature", "embedding": flags.get("embedding") or "mu"}
 
 
 def load_model(settings: dict, device: torch.device) -> ReIDModel:
@@ -94,7 +94,7 @@ def load_model(settings: dict, device: torch.device) -> ReIDModel:
     try:
         model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
                           last_stride=settings["last_stride"], img_size=settings["img_size"],
-                          recon_target=settings["recon_target"])
+                          recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"))
     except ValueError as err:
         raise UserError(str(err)) from err
     parts = model.parts()
@@ -108,13 +108,14 @@ def load_model(settings: dict, device: torch.device) -> ReIDModel:
 
 
 def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
-    """What the cached features depend on: the part files' bytes, the split manifest, the image size, flipping."""
+    """What the cached features depend on: the part files' bytes, the split manifest, the image size, flipping,
+    the embedding (mu or mu-bn)."""
     digest = hashlib.sha256()
     for part in sorted(settings["files"]):
         if part != "classifier":
             digest.update(sha256_file(settings["files"][part]).encode())
     digest.update(sha256_file(manifest).encode())
-    digest.update(f"{settings['img_size']}{flip}raw".encode())
+    digest.update(f"{settings['img_size']}{flip}raw{settings.get('embedding', 'mu')}".encode())
     return digest.hexdigest()
 
 

@@ -125,8 +125,10 @@ class LossWeights:
 
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
                model: Verifier | None, margin: float = 0.3, label_smoothing: float = 0.1,
-               sparsity_target: float = 0.05, sparsity_mode: str = "kl") -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of the terms, and each computed term (unweighted) by name.
+               sparsity_target: float = 0.05, sparsity_mode: str = "kl",
+               kl_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum of the terms, and each computed term (unweighted) by name; the KL's weight is scaled by
+    `kl_scale` (β, warm-up included) in the sum.
 
     `outputs` is ReIDModel.forward's dict; `model` is needed only for bce. Terms the autoencoder has
     nothing for are skipped: kl without μ (not a VAE), reconstruction without a decoder (`none`), sparsity
@@ -150,7 +152,8 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
     if weights.bce:
         idx_i, idx_j, target = mine_pairs(labels, z)
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
-    total = sum((getattr(weights, name) * term for name, term in terms.items()), z.sum() * 0.0)
+    scales = {"kl": kl_scale}
+    total = sum((getattr(weights, name) * scales.get(name, 1.0) * term for name, term in terms.items()), z.sum() * 0.0)
     return total, terms
 
 
