@@ -391,7 +391,7 @@ def test_kl_warm_up_ramps_beta_from_zero():
         total, terms = step(images, labels)
         weights = {"triplet": 1.0, "id": 1.0, "kl": 0.1 * beta, "reconstruction": 1.0, "bce": 1.0}
         expected = sum(weights[name] * value.item() for name, value in terms.items())
-        assert float(total) == pytest.approx(expected, rel=1e-5), at
+        assert total.item() == pytest.approx(expected, rel=1e-5), at
         assert "kl" in terms  # reported unweighted even while β is 0
 
 
