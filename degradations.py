@@ -10,6 +10,8 @@ the corrupted test are not memorised corruptions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,11 +81,15 @@ def _uniform(low: float, high: float, n: int, generator: torch.Generator, device
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
+def _log_uniform(low: float, high: float, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.exp(_uniform(math.log(low), math.log(high), n, generator, device))
+
+
 def sample_block(shape: torch.Size, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
     """A block a sample: area share and aspect from their ranges, a place inside the image, an RGB colour."""
     n, _, h, w = shape
     area = _uniform(*OCCLUDE_AREA, n, generator, device)
-    aspect = torch.exp(_uniform(*torch.tensor(OCCLUDE_ASPECT).log().tolist(), n, generator, device))
+    aspect = _log_uniform(*OCCLUDE_ASPECT, n, generator, device)
     height = (h * (area * aspect).sqrt()).round().clamp(1, h).long()
     width = (w * (area / aspect).sqrt()).round().clamp(1, w).long()
     top = (torch.rand(n, generator=generator, device=device) * (h - height + 1)).long()
@@ -94,7 +100,7 @@ def sample_block(shape: torch.Size, generator: torch.Generator, device: torch.de
 
 def sample_light(n: int, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
     """Gain and γ (log-uniform) a sample, and a per-channel cast."""
-    gamma = torch.exp(_uniform(*torch.tensor(GAMMA).log().tolist(), n, generator, device))
+    gamma = _log_uniform(*GAMMA, n, generator, device)
     cast = CAST[0] + (CAST[1] - CAST[0]) * torch.rand(n, 3, generator=generator, device=device)
     return {"gain": _uniform(*GAIN, n, generator, device), "gamma": gamma, "cast": cast}
 
