@@ -63,7 +63,7 @@ from utils import (
 )
 
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
-# Flags that fix the model's shape or the data; a resumed run must keep them.
+# Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
                  "beta", "embedding")
@@ -296,7 +296,8 @@ class TrainStep(nn.Module):
         kl_scale = kl_beta(self.step, self.kl_warmup_steps, self.beta)
         total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options)
         if self.balancer.mode != "fixed":
-            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if "kl" in terms else terms)
+            scaled = "kl" in terms and kl_scale != 1.0  # the balancer weighs the KL as warmed up
+            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if scaled else terms)
         return total, terms
 
 
