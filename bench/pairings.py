@@ -330,7 +330,7 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
 
     done = [r for r in rows if "mAP" in r]
     x = np.arange(len(done))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(done) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(done) + 2), 4.2))
     for offset, key, label in ((-0.2, "mAP", "clean"), (0.2, "corrupted_mAP", "corrupted (eval.py --corrupt all)")):
         values = [100 * r.get(key, math.nan) for r in done]
         spreads = [100 * (r.get(f"{key}_std") or 0.0) for r in done]
@@ -339,9 +339,10 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
         if "corrupted_mAP" not in r:
             ax.text(i + 0.2, 1, "n/a", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{r['backbone']}\n{r['ae']}" for r in done], fontsize=8)
+    ax.set_xlim(-0.6, len(done) - 0.4)
     ax.set_ylabel("mAP (%)")
     seeds = max((len(r["seeds"]) for r in done), default=0)
-    ax.set_title(f"clean and corrupted mAP per row (mean ± std over {seeds} seed{'s' * (seeds != 1)})")
+    ax.set_title(f"clean and corrupted mAP per row (mean ± std, {seeds} seed{'s' * (seeds != 1)})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
