@@ -162,7 +162,7 @@ def model_fingerprint(settings: dict, flip: bool) -> str:
     for part in sorted(settings["files"]):
         if part != "classifier":
             digest.update(sha256_file(settings["files"][part]).encode())
-    digest.update(f"{tuple(settings['img_size'])}{flip}raw".encode())
+    digest.update(f"{tuple(settings['img_size'])}{flip}raw{settings.get('embedding', 'mu')}".encode())
     return digest.hexdigest()
 
 

@@ -136,8 +136,9 @@ class LossWeights:
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
                model: Verifier | None, margin: float = 0.3, label_smoothing: float = 0.1,
                sparsity_target: float = 0.05, sparsity_mode: str = "kl",
-               pair_count: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of the terms, and each computed term (unweighted) by name.
+               pair_count: int | None = None, kl_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum of the terms, and each computed term (unweighted) by name; the KL's weight is scaled by
+    `kl_scale` (β, warm-up included) in the sum.
 
     `outputs` is ReIDModel.forward's dict; `model` is needed only for bce, whose pairs number `pair_count` a kind
     (mine_pairs; counted from the labels when None). Terms the autoencoder has
@@ -162,7 +163,8 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
     if weights.bce:
         idx_i, idx_j, target = mine_pairs(labels, z, pair_count)
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
-    total = sum((getattr(weights, name) * term for name, term in terms.items()), z.sum() * 0.0)
+    scales = {"kl": kl_scale}
+    total = sum((getattr(weights, name) * scales.get(name, 1.0) * term for name, term in terms.items()), z.sum() * 0.0)
     return total, terms
 
 

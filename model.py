@@ -348,6 +348,9 @@ class Heads(nn.Module):
 
 
 RECON_TARGETS = ("feature", "image")
+# The retrieval embedding: the autoencoder's deterministic code (μ for the VAE), or that code through the identity
+# classifier's BatchNorm neck (BoT's test-time feature).
+EMBEDDINGS = ("mu", "mu-bn")
 
 
 def recon_size(img_size: tuple[int, int]) -> tuple[int, int]:
@@ -387,10 +390,13 @@ class ReIDModel(nn.Module):
 
     def __init__(self, backbone_name: str, ae_name: str, num_classes: int, latent_dim: int = 512,
                  pretrained: str | Path | None = None, last_stride: int = 1,
-                 img_size: tuple[int, int] = (256, 128), recon_target: str = "feature") -> None:
+                 img_size: tuple[int, int] = (256, 128), recon_target: str = "feature", embedding: str = "mu") -> None:
         super().__init__()
         if recon_target not in RECON_TARGETS:
             raise ValueError(f"unknown reconstruction target {recon_target!r}: expected {' or '.join(RECON_TARGETS)}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {embedding!r}: expected {' or '.join(EMBEDDINGS)}")
+        self.embedding = embedding
         self.backbone, self.feat_dim = build_backbone(backbone_name, pretrained, last_stride, img_size)
         self.ae = build_autoencoder(ae_name, self.feat_dim, latent_dim)
         self.recon_target, self.recon_size = recon_target, recon_size(img_size)
@@ -404,24 +410,45 @@ class ReIDModel(nn.Module):
         return {"backbone": self.backbone, "ae": self.ae, "classifier": self.classifier}
 
     def embed(self, images: Tensor) -> Tensor:
-        """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise)."""
-        return self.ae.encode(self.backbone(images))
+        """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise), through the
+        BatchNorm neck when the embedding is mu-bn."""
+        code = self.ae.encode(self.backbone(images))
+        return self.classifier.identity.bn(code) if self.embedding == "mu-bn" else code
 
     def verify(self, z_i: Tensor, z_j: Tensor) -> Tensor:
-        """Same-person logits [N] of the embedding pairs (z_i[n], z_j[n])."""
+        """Same-person logits [N] of the code pairs (z_i[n], z_j[n]), as training forms them."""
         return self.classifier.siamese(z_i, z_j)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
-        """What the losses use: feat, z, latent, recon, recon_target, mu, logvar, logits, sparse_code."""
+    def verify_embeddings(self, e_i: Tensor, e_j: Tensor) -> Tensor:
+        """Same-person logits of embed()'s outputs: a mu-bn embedding is taken back through the neck (eval mode,
+        an affine map per unit) to the code the Siamese head was trained on."""
+        if self.embedding == "mu-bn":
+            bn = self.classifier.identity.bn
+            scale = torch.sqrt(bn.running_var + bn.eps) / bn.weight
+            e_i, e_j = ((e - bn.bias) * scale + bn.running_mean for e in (e_i, e_j))
+        return self.verify(e_i, e_j)
+
+    def forward(self, images: Tensor, clean: Tensor | None = None) -> dict[str, Tensor | None]:
+        """What the losses use: feat, z, latent, recon, recon_target, mu, logvar, logits, sparse_code.
+
+        `clean`, when given, is the clean view of the degraded `images`: everything is computed from `images`
+        except the reconstruction target, made from `clean` and detached (no gradient reaches the clean view).
+        """
         feat = self.backbone(images)
         out = self.ae(feat)
         out["feat"] = feat
         if self.recon_target == "image":
             out["recon"] = self.ae.image_decoder(out["latent"])
-            out["recon_target"] = F.adaptive_avg_pool2d(images, self.recon_size)
-        else:
+            out["recon_target"] = F.adaptive_avg_pool2d(images if clean is None else clean.detach(), self.recon_size)
+        elif out["recon"] is None:
+            out["recon_target"] = None
+        elif clean is None:
             # Detached so reconstruction trains the autoencoder without pulling the features towards easy targets.
-            out["recon_target"] = feat.detach() if out["recon"] is not None else None
+            out["recon_target"] = feat.detach()
+        else:
+            # In train mode BatchNorm normalises the clean batch by its own statistics (and its running means see it).
+            with torch.no_grad():
+                out["recon_target"] = self.backbone(clean)
         out["logits"] = self.classifier.identity(out["z"])
         return out
 
@@ -440,7 +467,7 @@ def trained_settings(flags: dict, files: dict[str, str], num_classes: int | None
             "latent_dim": int(flags.get("latent_dim") or latent_dim or 512),
             "img_size": tuple(img_size or flags.get("img_size") or (256, 128)),
             "last_stride": int(flags.get("last_stride") or 1), "num_classes": num_classes,
-            "recon_target": flags.get("recon_target") or "feature"}
+            "recon_target": flags.get("recon_target") or "feature", "embedding": flags.get("embedding") or "mu"}
 
 
 def result_settings(result_dir: str | Path) -> dict:
@@ -469,7 +496,7 @@ def build_trained(settings: dict, device: str | torch.device = "cpu") -> ReIDMod
     try:
         model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
                           last_stride=settings["last_stride"], img_size=settings["img_size"],
-                          recon_target=settings["recon_target"])
+                          recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"))
     except ValueError as err:
         raise UserError(str(err)) from err
     parts = model.parts()

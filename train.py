@@ -38,8 +38,9 @@ from datasets import (
     manifest_path,
 )
 from decoded import LOADERS, evaluation_loader, training_loader
+from degradations import degrade
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, pk_pair_count, total_loss
-from model import AE_NAMES, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
+from model import AE_NAMES, EMBEDDINGS, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
 from utils import (
     CHECKPOINT_FILE,
     LOG,
@@ -63,9 +64,10 @@ from utils import (
 )
 
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
-# Flags that fix the model's shape or the data; a resumed run must keep them.
+# Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
-                 "batch_p", "batch_k", "seed", "epochs", "balance")
+                 "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
+                 "beta", "embedding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         "timm:<name>")
     add("--ae-name", default="vae", help=f"autoencoder: {', '.join(AE_NAMES)}")
     add("--latent-dim", type=int, default=512, help="embedding size (ignored by --ae-name none)")
+    add("--degraded-views", action="store_true",
+        help="train on degraded views (degradations.py: blocks, lighting, box blur, noise): every loss sees the "
+        "degraded view, except that an autoencoder's reconstruction target is the clean view's feature, detached; "
+        "for --ae-name none it is plain augmentation")
+    add("--degrade-prob", type=float, default=0.5, help="share of a batch's images degraded (--degraded-views)")
+    add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
+    add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
+    add("--embedding", choices=EMBEDDINGS, default="mu",
+        help="the retrieval embedding: mu, the autoencoder's code (μ for vae, the feature for none); mu-bn, that "
+        "code through the identity classifier's BatchNorm neck")
     add("--pretrained", default=None, help="'imagenet' for torchvision/timm weights, or a local state-dict file")
     add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
     add("--recon-target", choices=RECON_TARGETS, default="feature",
@@ -150,10 +162,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
     if min(args.img_size) <= 0:
         parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected two positive numbers")
-    for name in ("workers", "checkpoint_every", "warmup_epochs", "margin", "weight_decay"):
+    for name in ("workers", "checkpoint_every", "warmup_epochs", "margin", "weight_decay", "kl_warmup", "beta"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 0 or more")
-    for name, high in (("erasing", 1.0), ("label_smoothing", 1.0), ("sparsity_target", 1.0)):
+    for name, high in (("erasing", 1.0), ("label_smoothing", 1.0), ("sparsity_target", 1.0), ("degrade_prob", 1.0)):
         if not 0 <= getattr(args, name) <= high:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a value from 0 to {high:g}")
     for name in LOSS_TERMS:
@@ -248,23 +260,53 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, mi
     return 0.1 ** sum(step >= m * total_steps for m in milestones)
 
 
-class TrainStep(nn.Module):
-    """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use."""
+def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
+    """The KL's β at a step: linear from 0 at step 0 to `beta` at `warmup_steps`, then `beta`."""
+    return beta if step >= warmup_steps else beta * step / warmup_steps
 
-    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace):
+
+def view_seed(seed: int, rank: int, step: int) -> int:
+    """The degradation generator's seed at a step: a function of the run's seed, the rank and the step alone, so
+    a resumed run degrades its batches as an uninterrupted one would."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + step
+
+
+class TrainStep(nn.Module):
+    """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use.
+
+    The loop sets `step` before each batch: it fixes the KL's β (--kl-warmup, --beta) and the degraded views'
+    draws (--degraded-views, --degrade-prob)."""
+
+    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
+                 steps_per_epoch: int = 1):
         super().__init__()
         self.model, self.weights, self.balancer = model, weights, balancer
         self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
                         "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
         self.batch_k = args.batch_k
+        self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
+        self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
+        self.step = 0
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The model's inputs: with --degraded-views the degraded batch, which every loss sees, and the clean one,
+        which only the reconstruction target is made from (a model without one ignores it: plain augmentation);
+        else the batch alone."""
+        if not self.degraded_views:
+            return (images,)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        generator = torch.Generator(device=images.device).manual_seed(view_seed(self.seed, rank, self.step))
+        return degrade(images, generator, self.degrade_prob), images
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = self.model(images)
+        outputs = self.model(*self.views(images))
+        kl_scale = kl_beta(self.step, self.kl_warmup_steps, self.beta)
         # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
-        total, terms = total_loss(outputs, labels, self.weights, self.model, **self.options,
+        total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options,
                                   pair_count=pk_pair_count(len(labels), self.batch_k))
         if self.balancer.mode != "fixed":
-            total = self.balancer(terms)
+            scaled = "kl" in terms and kl_scale != 1.0  # the balancer weighs the KL as warmed up
+            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if scaled else terms)
         return total, terms
 
 
@@ -443,6 +485,7 @@ class Run:
     balancer: LossBalancer
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_step: TrainStep
     step_module: nn.Module
     steps_per_epoch: int
     history: list[dict] = field(default_factory=list)
@@ -496,10 +539,10 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
     return model, use_amp
 
 
-def build_step_module(model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
-                      world: int, device: torch.device) -> nn.Module:
-    """TrainStep, wrapped in DistributedDataParallel under torchrun, compiled with --compile."""
-    step_module: nn.Module = TrainStep(model, weights, balancer, args)
+def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: int, device: torch.device) -> nn.Module:
+    """The TrainStep, wrapped in DistributedDataParallel under torchrun, compiled with --compile."""
+    step_module: nn.Module = train_step
+    weights = train_step.weights
     if world > 1:
         unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
                   or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
@@ -537,9 +580,10 @@ def setup_run(args: argparse.Namespace) -> Run:
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
+    train_step = TrainStep(model, weights, balancer, args, steps_per_epoch)
     run = Run(args, device, world, writer, result_dir, records, model, use_amp, sampler, loader, val_loader,
               val_records, len(val_query), balancer, optimizer, scheduler,
-              build_step_module(model, weights, balancer, args, world, device), steps_per_epoch)
+              train_step, build_step_module(train_step, args, world, device), steps_per_epoch)
     if args.resume:
         state = restore_checkpoint(checkpoint_path, model, balancer, optimizer, scheduler, args)
         run.start_epoch, run.start_batch, run.step, run.history, run.best = (
@@ -583,6 +627,7 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     bar = tqdm(run.loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not run.writer,
                initial=batch_index, total=run.steps_per_epoch, leave=False)
     for images, labels, _, _ in bar:
+        run.train_step.step = run.step
         total, terms = batch_losses(run.step_module, images, labels, run.device, run.use_amp)
         values = read_losses(total, terms)
         if bad := non_finite(values):

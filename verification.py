@@ -96,7 +96,7 @@ def verification_report(model: ReIDModel, found: dict[str, np.ndarray], num_pair
     idx_i, idx_j, labels = verification_pairs(pids, num_pairs)
     z = torch.from_numpy(feats).to(device)
     model.eval()
-    logits = torch.cat([model.verify(z[idx_i[s:s + 4096]], z[idx_j[s:s + 4096]]).float().cpu()
+    logits = torch.cat([model.verify_embeddings(z[idx_i[s:s + 4096]], z[idx_j[s:s + 4096]]).float().cpu()
                         for s in range(0, len(idx_i), 4096)])
     probs = torch.sigmoid(logits).numpy()
     result = verification_metrics(probs, labels, threshold)

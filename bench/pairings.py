@@ -1,17 +1,29 @@
-"""Every backbone × autoencoder pairing trained and evaluated under one budget: pairings.md and pairings.png.
+"""Every backbone × autoencoder pairing trained and evaluated under one budget, over seeds: pairings.md,
+pairings.json, pairings.png (mAP heat map) and pairings_robustness.png (clean and corrupted mAP per row).
 
 python bench/pairings.py                                   # the CPU list on the synthetic set -> runs/pairings/
 python bench/pairings.py --seed-list --data data/market --epochs 60 --img-size 256 128 --amp   # on a GPU
+python bench/pairings.py --aes none dae --variant "dae+degraded=--ae-name dae --degraded-views" --seeds 3
 
-The budget (data, epochs, image size, seed, latent size, and any other flag, which goes to train.py unchanged,
-e.g. --balance gradnorm or --lr 1e-3) is the same for every pairing and recorded in OUT/budget.json. A pairing
-with results is not re-run; an interrupted one resumes from its checkpoint. Each pairing's result directory is
-OUT/<backbone>_<ae>, evaluated by eval.py into OUT/<backbone>_<ae>/eval/.
+The budget (data, epochs, image size, first seed, latent size, and any other flag, which goes to train.py
+unchanged, e.g. --balance gradnorm or --lr 1e-3) is the same for every pairing and recorded in OUT/budget.json.
+A row is an autoencoder of --aes or a --variant NAME=FLAGS (train.py flags of its own); each row is trained with
+--seeds seeds (the first seed, then the next ones), shown as mean ± sample standard deviation, and a difference
+smaller than twice the larger of the two spreads is a tie. A run with results is not re-run; an interrupted
+one resumes from its checkpoint. Each run's result directory is OUT/<backbone>_<row> for the first seed and
+OUT/<backbone>_<row>_seed<S> for seed S, evaluated by eval.py into its eval/ folder, with eval.py's
+`--corrupt all` when eval.py has that flag (else the corrupted columns read n/a).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import math
+import re
+import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +52,10 @@ CPU_BACKBONES = ("resnet18", "densenet121", "vgg11_bn", "swin_t")
 SEED_BACKBONES = ("resnet152", "densenet121", "vgg16", "swin_b")
 SYNTHETIC = (Path("data/synthetic"), Path("data/prepared"))  # the set `make demo` makes
 COLUMNS = ("mAP", "mINP", "rank1", "rank5", "rank10")
+CORRUPTED_COLUMNS = ("corrupted_mAP", "corrupted_rank1")
+# eval.py's robustness protocol: every query and gallery image a corruption and severity drawn with a fixed seed.
+CORRUPT_FLAGS = ["--corrupt", "all", "--severity", "all", "--corrupt-seed", "0"]
+ROW_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 class GridStopped(Exception):
@@ -54,8 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     add("--out", type=Path, default=Path("runs/pairings"), help="where the runs, pairings.md and pairings.png go")
     add("--backbones", nargs="+", default=list(CPU_BACKBONES), help="backbone names, as train.py's --backbone-name")
     add("--seed-list", action="store_true", help=f"the seed's backbones: {' '.join(SEED_BACKBONES)} (for a GPU)")
-    add("--aes", nargs="+", default=list(AE_NAMES), choices=AE_NAMES, metavar="AE",
-        help=f"autoencoders (default all: {' '.join(AE_NAMES)})")
+    add("--aes", nargs="*", default=list(AE_NAMES), choices=AE_NAMES, metavar="AE",
+        help=f"autoencoders, a row each (default all: {' '.join(AE_NAMES)})")
+    add("--variant", action="append", default=[], metavar="NAME=FLAGS",
+        help="a row of its own: NAME and the train.py flags it adds, e.g. 'dae+degraded=--ae-name dae "
+        "--degraded-views' (repeatable)")
+    add("--seeds", type=int, default=1, help="seeds a row: --seed, --seed + 1, ...")
     add("--epochs", type=int, default=2)
     add("--img-size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"))
     add("--latent-dim", type=int, default=256)
@@ -65,9 +85,32 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args, rest = parser.parse_known_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.seed_list:
         args.backbones = list(SEED_BACKBONES)
-    if args.epochs <= 0:
-        parser.error(f"--epochs {args.epochs}: expected a positive number")
+    for name in ("epochs", "seeds"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} {getattr(args, name)}: expected a positive number")
+    try:
+        args.rows = [(ae, ["--ae-name", ae]) for ae in args.aes] + [parse_variant(text) for text in args.variant]
+    except ValueError as err:
+        parser.error(str(err))
+    names = [name for name, _ in args.rows]
+    if len(set(names)) < len(names) or not names:
+        parser.error(f"--aes and --variant: expected at least one row and distinct names, got {' '.join(names)}")
     return args, rest
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """A --variant NAME=FLAGS as (name, train.py flags), the flags checked by train.py's parser."""
+    name, _, flags = text.partition("=")
+    if not ROW_NAME.fullmatch(name) or not flags.strip():
+        raise ValueError(f"--variant {text}: expected NAME=FLAGS, NAME of letters, digits and _.+- "
+                         "(e.g. 'dae+degraded=--ae-name dae --degraded-views')")
+    split = shlex.split(flags)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            train.build_parser().parse_args(normalise_flag_spelling(split))
+    except SystemExit as err:
+        raise ValueError(f"--variant {text}: train.py does not accept the flags {flags!r}") from err
+    return name, split
 
 
 def budget_record(args: argparse.Namespace, data: Path, train_flags: list[str]) -> dict:
@@ -90,68 +133,165 @@ def check_budget(out: Path, budget: dict) -> None:
         write_json(path, budget)
 
 
-def run_dir(out: Path, backbone: str, ae: str) -> Path:
-    """A pairing's result directory."""
-    return out / f"{backbone.replace(':', '_')}_{ae}"
+def run_dir(out: Path, backbone: str, name: str, seed: int, first_seed: int) -> Path:
+    """A run's result directory: OUT/<backbone>_<row>, with _seed<S> for seeds after the first."""
+    suffix = "" if seed == first_seed else f"_seed{seed}"
+    return out / f"{backbone.replace(':', '_')}_{name}{suffix}"
 
 
-def train_flags(run: Path, backbone: str, ae: str, budget: dict, workers: int) -> list[str]:
-    """train.py's flags for one pairing (with --resume when a checkpoint is there)."""
-    flags = ["--data", budget["data"], "--result-dir", str(run), "--backbone-name", backbone, "--ae-name", ae,
+def train_flags(run: Path, backbone: str, row_flags: list[str], seed: int, budget: dict, workers: int) -> list[str]:
+    """train.py's flags for one run: the budget's, then the row's (with --resume when a checkpoint is there)."""
+    flags = ["--data", budget["data"], "--result-dir", str(run), "--backbone-name", backbone,
              "--epochs", str(budget["epochs"]), "--img-size", *map(str, budget["img_size"]),
-             "--latent-dim", str(budget["latent_dim"]), "--seed", str(budget["seed"]), "--workers", str(workers),
-             "--quiet", *budget["train_flags"]]
+             "--latent-dim", str(budget["latent_dim"]), "--seed", str(seed), "--workers", str(workers),
+             "--quiet", *budget["train_flags"], *row_flags]
     return [*flags, "--resume"] if (run / CHECKPOINT_FILE).is_file() else flags
 
 
-def run_pairing(out: Path, backbone: str, ae: str, budget: dict, workers: int) -> dict:
-    """Train (or resume) and evaluate one pairing unless its results exist; return its row of the table."""
-    run = run_dir(out, backbone, ae)
+def eval_supports_corruption() -> bool:
+    """Whether eval.py takes --corrupt (the robustness protocol), read off its --help."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        evaluation.parse_args(["--help"])
+    return "--corrupt" in text.getvalue()
+
+
+def run_pairing(out: Path, backbone: str, row: tuple[str, list[str]], seed: int, budget: dict, workers: int,
+                corrupt: bool) -> dict:
+    """Train (or resume) and evaluate one run unless its results exist (evaluate again when corrupted figures
+    are missing and eval.py can give them); return its figures."""
+    name, row_flags = row
+    run = run_dir(out, backbone, name, seed, budget["seed"])
     results = run / "eval" / "results.json"
-    if results.is_file():
-        LOG.info("%s + %s: done already, results in %s", backbone, ae, results)
+    if results.is_file() and (not corrupt or "corrupted" in read_json(results)):
+        LOG.info("%s + %s, seed %d: done already, results in %s", backbone, name, seed, results)
     else:
         if not (run / "summary.json").is_file():
-            LOG.info("%s + %s: training into %s", backbone, ae, run)
-            summary = train.main(train_flags(run, backbone, ae, budget, workers))
+            LOG.info("%s + %s, seed %d: training into %s", backbone, name, seed, run)
+            summary = train.main(train_flags(run, backbone, row_flags, seed, budget, workers))
             if "stopped_at_step" in summary:
-                raise GridStopped(f"{backbone} + {ae}: training stopped at step {summary['stopped_at_step']}; "
+                raise GridStopped(f"{backbone} + {name}: training stopped at step {summary['stopped_at_step']}; "
                                   "run again to resume")
         evaluation.main(["--all-dir", str(run), "--split", budget["split"], "--out", str(run / "eval"),
-                         "--workers", str(workers)])
-    return pairing_row(run, backbone, ae)
+                         "--workers", str(workers), *(CORRUPT_FLAGS if corrupt else [])])
+    return {"seed": seed, **run_figures(run)}
 
 
-def pairing_row(run: Path, backbone: str, ae: str) -> dict:
-    """One pairing's figures, read from its result directory."""
+def corrupted_figures(report: dict) -> dict:
+    """corrupted_mAP and corrupted_rank1 from results.json's `corrupted` entry for --corrupt all (empty without)."""
+    entries = report.get("corrupted") or {}
+    key = next((k for k in entries if k.startswith("all")), next(iter(entries), None))
+    if key is None:
+        return {}
+    entry = entries[key]
+    rank1 = entry.get("rank1", (entry.get("cmc") or {}).get("1"))
+    return {"corrupted_mAP": entry["mAP"], **({"corrupted_rank1": rank1} if rank1 is not None else {})}
+
+
+def run_figures(run: Path) -> dict:
+    """One run's figures, read from its result directory."""
     report = read_json(run / "eval" / "results.json")
     summary, config = read_json(run / "summary.json"), read_json(run / "config.json")
-    return {"backbone": backbone, "ae": ae, **{k: report[k] for k in COLUMNS if k in report},
+    return {**{k: report[k] for k in COLUMNS if k in report}, **corrupted_figures(report),
             "train_s": summary["seconds"], "parameters": sum(config["parameters"].values()),
-            "embed_dim": config["embed_dim"], "best_val_mAP": summary["best_val_mAP"]}
+            "embed_dim": config["embed_dim"], "best_val_mAP": summary["best_val_mAP"],
+            "ae_name": config["flags"]["ae_name"], "degraded_views": config["flags"].get("degraded_views", False),
+            "degrade_prob": config["flags"].get("degrade_prob", 0.5)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds: mean ± spread per row, and the tie rule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def seed_stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n − 1) of a row's seeds; no spread with one seed."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def verdict(a: tuple[float, float | None], b: tuple[float, float | None]) -> str | None:
+    """a against b, each (mean, spread): 'tie' when the difference is smaller than twice the larger spread, else
+    'better' or 'worse'; None when a spread is unknown (one seed)."""
+    if a[1] is None or b[1] is None:
+        return None
+    difference = a[0] - b[0]
+    if difference == 0 or abs(difference) < 2 * max(a[1], b[1]):
+        return "tie"
+    return "better" if difference > 0 else "worse"
+
+
+def aggregate(backbone: str, name: str, runs: list[dict]) -> dict:
+    """A row of the table: its runs, and mean and spread (<key>_std) of each figure over the seeds that have it."""
+    done = [r for r in runs if "mAP" in r]
+    row = {"backbone": backbone, "ae": name, "runs": runs, "seeds": [r["seed"] for r in done]}
+    if not done:
+        return {**row, "error": next((r["error"] for r in runs if "error" in r), "no run")}
+    for key in (*COLUMNS, *CORRUPTED_COLUMNS, "train_s", "best_val_mAP"):
+        values = [r[key] for r in done if r.get(key) is not None]
+        if values:
+            row[key], row[f"{key}_std"] = seed_stats(values)
+    first = done[0]
+    return {**row, **{k: first[k] for k in ("parameters", "embed_dim", "ae_name", "degraded_views", "degrade_prob")}}
+
+
+def baseline_of(row: dict, rows: list[dict]) -> dict | None:
+    """The `none` row of the same backbone trained on the same data (degraded views or not, same share)."""
+    def data(r: dict) -> tuple:
+        return (True, r["degrade_prob"]) if r.get("degraded_views") else (False,)
+
+    return next((r for r in rows if "mAP" in r and r["backbone"] == row["backbone"] and r["ae_name"] == "none"
+                 and data(r) == data(row)), None)
+
+
+def cell(row: dict, key: str) -> str:
+    """A figure in %, with ± its spread over the seeds when there are several."""
+    if key not in row:
+        return "n/a"
+    spread = row.get(f"{key}_std")
+    return f"{100 * row[key]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+
+
+def versus(row: dict, base: dict | None, key: str) -> str:
+    """The difference to the baseline row in points, with the tie rule's verdict."""
+    if base is None or key not in row or key not in base:
+        return "n/a"
+    if base is row:
+        return "baseline"
+    judged = verdict((row[key], row.get(f"{key}_std")), (base[key], base.get(f"{key}_std")))
+    return f"{100 * (row[key] - base[key]):+.1f}" + (f" ({judged})" if judged else "")
 
 
 def table_markdown(rows: list[dict], budget: dict, command: str) -> str:
-    """pairings.md: the budget, the command, and a row a pairing (the best mAP in bold)."""
+    """pairings.md: the budget, the command, and a row a pairing (the best mAP, and rows tied with it, in bold)."""
     done = [r for r in rows if "mAP" in r]
-    best = max((r["mAP"] for r in done), default=None)
+    best = max(done, key=lambda r: r["mAP"], default=None)
+    seeds = sorted({len(r["seeds"]) for r in done}) or [0]
     lines = [f"# Pairings on {budget['data']} ({budget['split']} split)", "",
              f"Budget: {budget['epochs']} epochs at {budget['img_size'][0]}×{budget['img_size'][1]}, latent "
-             f"{budget['latent_dim']}, seed {budget['seed']}" + (f", train.py {' '.join(budget['train_flags'])}"
-                                                                  if budget["train_flags"] else "") + ".", "",
+             f"{budget['latent_dim']}, seeds from {budget['seed']}" + (f", train.py {' '.join(budget['train_flags'])}"
+                                                                      if budget["train_flags"] else "") + ".", "",
              f"Command: `{command}`", "",
-             "| backbone | autoencoder | mAP | mINP | Rank-1 | Rank-5 | Rank-10 | train time | parameters | "
-             "embedding |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backbone | row | mAP | Δ mAP vs none | corrupted mAP | Δ corrupted vs none | corrupted Rank-1 | mINP "
+             "| Rank-1 | Rank-5 | Rank-10 | seeds | train time | parameters | embedding |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "mAP" not in r:
-            lines.append(f"| {r['backbone']} | {r['ae']} | failed: {r.get('error', '')} |||||||")
+            lines.append(f"| {r['backbone']} | {r['ae']} | failed: {r.get('error', '')} |||||||||||||")
             continue
-        mark = "**" if r["mAP"] == best else ""
-        figures = " | ".join(f"{100 * r[k]:.1f}" if k in r else "n/a" for k in COLUMNS[1:])
-        lines.append(f"| {r['backbone']} | {r['ae']} | {mark}{100 * r['mAP']:.1f}{mark} | {figures} | "
-                     f"{r['train_s']:.0f} s | {r['parameters'] / 1e6:.1f} M | {r['embed_dim']} |")
-    lines += ["", "mAP, mINP and Rank-k in %, by eval.py's Market-1501 protocol; train time is the last "
-              "training session's wall time (all of it unless the pairing was resumed)."]
+        bold = r is best or verdict((r["mAP"], r.get("mAP_std")), (best["mAP"], best.get("mAP_std"))) == "tie"
+        mark = "**" if bold else ""
+        base = baseline_of(r, rows)
+        figures = " | ".join(cell(r, k) for k in COLUMNS[1:])
+        lines.append(f"| {r['backbone']} | {r['ae']} | {mark}{cell(r, 'mAP')}{mark} | {versus(r, base, 'mAP')} | "
+                     f"{cell(r, 'corrupted_mAP')} | {versus(r, base, 'corrupted_mAP')} | {cell(r, 'corrupted_rank1')} "
+                     f"| {figures} | {len(r['seeds'])} | {r['train_s']:.0f} s | {r['parameters'] / 1e6:.1f} M | "
+                     f"{r['embed_dim']} |")
+    lines += ["", "mAP, mINP and Rank-k in %, by eval.py's Market-1501 protocol; corrupted: eval.py --corrupt all "
+              "(n/a where eval.py has no --corrupt). With several seeds a figure is mean ± sample standard deviation "
+              f"(seeds per row: {', '.join(map(str, seeds))}), and a difference smaller than twice the larger spread "
+              "is a tie (bold: the best mAP and the rows tied with it). Δ vs none: points against the `none` row "
+              "trained on the same data (with or without degraded views). Train time is the mean last training "
+              "session's wall time."]
     return "\n".join(lines) + "\n"
 
 
@@ -174,10 +314,61 @@ def plot_heat_map(rows: list[dict], backbones: list[str], aes: list[str], path: 
         ax.text(j, i, "failed" if np.isnan(value) else f"{value:.1f}", ha="center", va="center",
                 color="white" if np.isnan(value) or value < middle else "black")
     ax.set_xlabel("autoencoder")
-    ax.set_title("mAP (%)")
+    ax.set_title("mAP (%, mean over seeds)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_robustness(rows: list[dict], path: Path) -> None:
+    """pairings_robustness.png: clean and corrupted mAP (%) of each row side by side, error bars one spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in rows if "mAP" in r]
+    x = np.arange(len(done))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(done) + 2), 4.2))
+    for offset, key, label in ((-0.2, "mAP", "clean"), (0.2, "corrupted_mAP", "corrupted (eval.py --corrupt all)")):
+        values = [100 * r.get(key, math.nan) for r in done]
+        spreads = [100 * (r.get(f"{key}_std") or 0.0) for r in done]
+        ax.bar(x + offset, values, 0.4, yerr=spreads, capsize=3, label=label)
+    for i, r in enumerate(done):
+        if "corrupted_mAP" not in r:
+            ax.text(i + 0.2, 1, "n/a", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [f"{r['backbone']}\n{r['ae']}" for r in done], fontsize=8)
+    ax.set_xlim(-0.6, len(done) - 0.4)
+    ax.set_ylabel("mAP (%)")
+    seeds = max((len(r["seeds"]) for r in done), default=0)
+    ax.set_title(f"clean and corrupted mAP per row (mean ± std, {seeds} seed{'s' * (seeds != 1)})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_outputs(out: Path, rows: list[dict], names: list[str], backbones: list[str], budget: dict,
+                  command: str) -> None:
+    """pairings.md, pairings.json, the heat map and the robustness plot, from the rows so far."""
+    atomic_write_bytes(out / "pairings.md", table_markdown(rows, budget, command).encode())
+    write_json(out / "pairings.json", {"budget": budget, "command": command, "rows": rows})
+    plot_heat_map(rows, backbones, names, out / "pairings.png")
+    plot_robustness(rows, out / "pairings_robustness.png")
+
+
+def run_row(args: argparse.Namespace, backbone: str, row: tuple[str, list[str]], budget: dict,
+            corrupt: bool, report) -> dict:
+    """Every seed of one row (a failure is recorded, not raised); `report` gets the row after each seed."""
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        try:
+            runs.append(run_pairing(args.out, backbone, row, seed, budget, args.workers, corrupt))
+        except (UserError, ValueError, RuntimeError) as err:  # one failure does not stop the grid
+            LOG.error("%s + %s, seed %d failed: %s", backbone, row[0], seed, err)
+            runs.append({"seed": seed, "error": str(err).splitlines()[0]})
+        report(aggregate(backbone, row[0], runs))
+    return aggregate(backbone, row[0], runs)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -190,22 +381,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     budget = budget_record(args, data, rest)
     args.out.mkdir(parents=True, exist_ok=True)
     check_budget(args.out, budget)
-    command = "python bench/pairings.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
+    command = "python bench/pairings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    corrupt = eval_supports_corruption()
+    if not corrupt:
+        LOG.info("eval.py has no --corrupt: the corrupted columns read n/a")
+    names = [name for name, _ in args.rows]
+    rows: list[dict] = []
     started = time.time()
     for backbone in args.backbones:
-        for ae in args.aes:
-            try:
-                rows.append(run_pairing(args.out, backbone, ae, budget, args.workers))
-            except (UserError, ValueError, RuntimeError) as err:  # one failure does not stop the grid
-                LOG.error("%s + %s failed: %s", backbone, ae, err)
-                rows.append({"backbone": backbone, "ae": ae, "error": str(err).splitlines()[0]})
-            atomic_write_bytes(args.out / "pairings.md", table_markdown(rows, budget, command.strip()).encode())
-            plot_heat_map(rows, args.backbones, args.aes, args.out / "pairings.png")
+        for row in args.rows:
+            rows.append(run_row(args, backbone, row, budget, corrupt, lambda partial: write_outputs(
+                args.out, [*rows, partial], names, args.backbones, budget, command)))
     done = [r for r in rows if "mAP" in r]
     if done:
         best = max(done, key=lambda r: r["mAP"])
-        LOG.info("%d pairings in %.0f s; best %s + %s, mAP %.1f%%; table in %s", len(rows), time.time() - started,
+        LOG.info("%d rows in %.0f s; best %s + %s, mAP %.1f%%; table in %s", len(rows), time.time() - started,
                  best["backbone"], best["ae"], 100 * best["mAP"], args.out / "pairings.md")
     return rows
 

@@ -156,7 +156,7 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     optimizer = train.build_optimizer(model, train_args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
         s, 10**6, 0, train_args.scheduler, train_args.milestones))
-    step_module = train.build_step_module(model, weights, balancer, train_args, 1, device)
+    step_module = train.build_step_module(train.TrainStep(model, weights, balancer, train_args), train_args, 1, device)
     shared = train.shared_layer(model)
 
     def step() -> None:

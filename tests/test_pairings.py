@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from utils import UserError, read_json
+from utils import UserError, read_json, write_json
 
 sys.path.insert(0, str(ROOT / "bench"))
 import pairings  # noqa: E402
@@ -83,3 +84,107 @@ def test_the_seed_list_is_one_flag_away():
     args, rest = pairings.parse_args(["--seed-list", "--balance", "gradnorm"])
     assert args.backbones == ["resnet152", "densenet121", "vgg16", "swin_b"]
     assert args.aes == ["none", "ae", "vae", "sae", "dae"] and rest == ["--balance", "gradnorm"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds, variants, corrupted columns (issue 13)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_seed_statistics_are_the_mean_and_sample_deviation():
+    mean, spread = pairings.seed_stats([0.80, 0.84, 0.88])
+    assert mean == pytest.approx(0.84) and spread == pytest.approx(0.04)  # √((0.04² + 0 + 0.04²) / 2)
+    assert pairings.seed_stats([0.5]) == (0.5, None)
+
+
+def test_a_difference_under_twice_the_larger_spread_is_a_tie():
+    assert pairings.verdict((0.84, 0.04), (0.80, 0.01)) == "tie"  # 0.04 < 2 × 0.04
+    assert pairings.verdict((0.90, 0.01), (0.80, 0.02)) == "better"  # 0.10 ≥ 2 × 0.02
+    assert pairings.verdict((0.80, 0.02), (0.90, 0.01)) == "worse"
+    assert pairings.verdict((0.85, 0.0), (0.85, 0.0)) == "tie"
+    assert pairings.verdict((0.90, None), (0.80, 0.01)) is None  # one seed: no spread, no verdict
+
+
+def hand_run(seed: int, mAP: float, ae: str, corrupted: float | None = None) -> dict:
+    run = {"seed": seed, "mAP": mAP, "mINP": 0.1, "rank1": 0.5, "rank5": 0.6, "rank10": 0.7, "train_s": 10.0,
+           "parameters": 2e6, "embed_dim": 64, "best_val_mAP": 0.3, "ae_name": ae, "degraded_views": True,
+           "degrade_prob": 0.5}
+    return {**run, "corrupted_mAP": corrupted, "corrupted_rank1": 0.25} if corrupted is not None else run
+
+
+def test_the_table_shows_mean_and_spread_and_applies_the_tie_rule():
+    none = pairings.aggregate("r18", "none", [hand_run(0, 0.80, "none", 0.30), hand_run(1, 0.82, "none", 0.32),
+                                              hand_run(2, 0.84, "none", 0.34)])
+    dae = pairings.aggregate("r18", "dae+deg", [hand_run(0, 0.81, "dae", 0.40), hand_run(1, 0.83, "dae", 0.41),
+                                                hand_run(2, 0.85, "dae", 0.42)])
+    vae = pairings.aggregate("r18", "vae+deg", [hand_run(0, 0.60, "vae"), {"seed": 1, "error": "boom"}])
+    assert dae["seeds"] == [0, 1, 2] and dae["mAP"] == pytest.approx(0.83) and dae["mAP_std"] == pytest.approx(0.02)
+    budget = {"data": "d", "split": "test", "epochs": 2, "img_size": [64, 32], "latent_dim": 64, "seed": 0,
+              "train_flags": []}
+    table = pairings.table_markdown([none, dae, vae], budget, "python bench/pairings.py")
+    lines = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines() if line.startswith("| r18")}
+    # none 82.0 ± 2.0, dae 83.0 ± 2.0: a tie, both bold; corrupted 32.0 ± 2.0 against 41.0 ± 1.0: +9.0, better.
+    assert lines["none"][2] == "**82.0 ± 2.0**" and lines["dae+deg"][2] == "**83.0 ± 2.0**"
+    assert lines["none"][3] == "baseline" and lines["dae+deg"][3] == "+1.0 (tie)"
+    assert lines["dae+deg"][4] == "41.0 ± 1.0" and lines["dae+deg"][5] == "+9.0 (better)"
+    assert lines["dae+deg"][6] == "25.0 ± 0.0"
+    # One seed left of vae: no spread, no verdict; its corrupted figures are n/a.
+    assert lines["vae+deg"][2] == "60.0" and lines["vae+deg"][3] == "-22.0" and lines["vae+deg"][4] == "n/a"
+
+
+def test_a_variant_is_a_named_row_with_its_train_flags(capsys: pytest.CaptureFixture):
+    args, _ = pairings.parse_args(["--aes", "none", "--variant", "dae+degraded=--ae-name dae --degraded-views"])
+    assert args.rows == [("none", ["--ae-name", "none"]), ("dae+degraded", ["--ae-name", "dae", "--degraded-views"])]
+    for text, expected in (("bad name=--ae-name dae", "expected NAME=FLAGS"),
+                           ("x=--no-such-flag 1", "train.py does not accept")):
+        with pytest.raises(SystemExit):
+            pairings.parse_args(["--variant", text])
+        assert expected in capsys.readouterr().err
+
+
+def test_corrupted_columns_come_from_eval_when_it_has_the_flag(monkeypatch: pytest.MonkeyPatch):
+    def help_with(text: str):
+        def parse(argv):
+            print(text)
+            raise SystemExit(0)
+        return parse
+
+    monkeypatch.setattr(pairings.evaluation, "parse_args", help_with("usage: eval.py [--corrupt CORRUPT]"))
+    assert pairings.eval_supports_corruption()
+    monkeypatch.setattr(pairings.evaluation, "parse_args", help_with("usage: eval.py [--flip]"))
+    assert not pairings.eval_supports_corruption()
+    report = {"mAP": 0.5, "corrupted": {"all|s=all|seed=0": {"mAP": 0.2, "mINP": 0.05, "rank1": 0.3}}}
+    assert pairings.corrupted_figures(report) == {"corrupted_mAP": 0.2, "corrupted_rank1": 0.3}
+    assert pairings.corrupted_figures({"mAP": 0.5}) == {}
+
+
+def test_more_seeds_and_a_variant_extend_a_grid(grid: tuple[Path, list[dict]], synthetic_prepared: Path,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "grid"
+    shutil.copytree(grid[0], out)
+    evaluated = []
+    real_eval = pairings.evaluation.main
+
+    def eval_with_corruption(argv):  # eval.py as the robustness issue extends it: corrupted figures beside clean
+        evaluated.append(argv)
+        assert argv[-6:] == pairings.CORRUPT_FLAGS
+        report = real_eval(argv[:-6])
+        report["corrupted"] = {"all|s=all|seed=0": {"mAP": report["mAP"] / 2, "rank1": report["rank1"] / 2}}
+        write_json(Path(argv[argv.index("--out") + 1]) / "results.json", report)
+        return report
+
+    monkeypatch.setattr(pairings, "eval_supports_corruption", lambda: True)
+    monkeypatch.setattr(pairings.evaluation, "main", eval_with_corruption)
+    flags = [*GRID[:2], "--aes", "none", "--variant", "none+deg=--ae-name none --degraded-views", *GRID[6:]]
+    rows = pairings.main(["--data", str(synthetic_prepared), "--out", str(out), *flags, "--seeds", "2"])
+    assert [(r["ae"], r["seeds"]) for r in rows] == [("none", [0, 1]), ("none+deg", [0, 1])]
+    for name in ("resnet18_none_seed1", "resnet18_none+deg", "resnet18_none+deg_seed1"):
+        assert read_json(out / name / "config.json")["flags"]["seed"] == (1 if "seed1" in name else 0)
+    assert read_json(out / "resnet18_none+deg" / "config.json")["flags"]["degraded_views"]
+    assert len(evaluated) == 4  # seed 0 of none evaluated again, as its results lacked corrupted figures
+    none = rows[0]
+    assert none["corrupted_mAP"] == pytest.approx((none["runs"][0]["mAP"] + none["runs"][1]["mAP"]) / 4)
+    table = (out / "pairings.md").read_text()
+    assert "| resnet18 | none+deg |" in table and " ± " in table and "--variant" in table
+    assert read_json(out / "pairings.json")["rows"][1]["ae"] == "none+deg"
+    with Image.open(out / "pairings_robustness.png") as image:
+        assert image.size[0] > 200

@@ -17,7 +17,7 @@ import torch
 import prepare
 import train
 from conftest import ROOT
-from losses import sparsity_kl, sparsity_l1
+from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
 from model import ReIDModel
 from utils import UserError, load_torch
 
@@ -282,3 +282,153 @@ def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Pat
     model = ReIDModel("resnet18", "vae", 16, latent_dim=64, img_size=(64, 32), recon_target="image")
     out = model(torch.randn(4, 3, 64, 32))
     assert out["recon"].shape == out["recon_target"].shape == (4, 3, 16, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Degraded views and the VAE's choices (issue 13)
+# ---------------------------------------------------------------------------------------------------------
+
+def tiny_step(flags: list[str], seed: int = 0) -> train.TrainStep:
+    """A TrainStep over a resnet18 at 32×16 with four identities, built from train.py's flags."""
+    args = train.parse_args(["--latent-dim", "16", *flags])
+    torch.manual_seed(seed)
+    model = ReIDModel("resnet18", args.ae_name, 4, latent_dim=16, img_size=(32, 16), embedding=args.embedding)
+    weights = train.loss_weights(args)
+    return train.TrainStep(model, weights, train.build_balancer(args, weights), args, steps_per_epoch=4)
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 32, 16, generator=generator), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def encoder_input(step: train.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What the autoencoder's encoder read during one step."""
+    seen = []
+    handle = step.model.ae.encoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    step(images, labels)
+    handle.remove()
+    return seen[0].detach()
+
+
+def test_the_encoder_reads_the_degraded_view_and_the_target_is_the_clean_feature():
+    images, labels = batch()
+    step = tiny_step(["--ae-name", "dae", "--degraded-views", "--degrade-prob", "1"])
+    step.step = 3
+    degraded, clean = step.views(images)
+    assert clean is images and not torch.equal(degraded, images)
+    model = step.model.train()
+    with torch.no_grad():  # train mode: BatchNorm by batch statistics, so each view's feature is its own batch's
+        degraded_feat, clean_feat = model.backbone(degraded), model.backbone(images)
+    # The DAE's own feature noise (dropout and Gaussian) is off here to compare exactly.
+    step.model.ae.drop, step.model.ae.noise = 0.0, 0.0
+    seen = encoder_input(step, images, labels)
+    torch.testing.assert_close(seen, degraded_feat)
+    out = model(degraded, images)
+    torch.testing.assert_close(out["recon_target"], clean_feat)
+    assert (seen - out["recon_target"]).abs().max() > 1e-3
+
+
+def test_no_gradient_reaches_the_clean_view_through_the_reconstruction():
+    step = tiny_step(["--ae-name", "vae", "--degraded-views"])
+    images, _ = batch()
+    degraded = images.clone().add_(0.5).requires_grad_()
+    clean = images.clone().requires_grad_()
+    out = step.model.train()(degraded, clean)
+    assert not out["recon_target"].requires_grad
+    reconstruction_loss(out["recon"], out["recon_target"]).backward()
+    assert clean.grad is None
+    assert degraded.grad is not None and degraded.grad.abs().sum() > 0
+
+
+def gradients_of(step: train.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(7)  # the VAE's sample and the negative pairs' draw
+    total, _ = step(images, labels)
+    total.backward()
+    return total.detach(), {name: p.grad.clone() for name, p in step.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("ae", ["vae", "dae", "none"])
+def test_the_flags_off_reproduce_the_step_bit_for_bit(ae: str):
+    images, labels = batch()
+    absent = tiny_step(["--ae-name", ae])
+    off = tiny_step(["--ae-name", ae, "--degrade-prob", "0.3", "--kl-warmup", "0", "--beta", "1",
+                     "--embedding", "mu"])
+    # The step as it was before these flags: the model on the batch, then the weighted sum of the losses.
+    before = tiny_step(["--ae-name", ae])
+    torch.manual_seed(7)
+    outputs = before.model(images)
+    reference, _ = total_loss(outputs, labels, before.weights, before.model, **before.options)
+    reference.backward()
+    reference_grads = {name: p.grad for name, p in before.model.named_parameters() if p.grad is not None}
+    for step in (absent, off):
+        step.step = 5
+        total, grads = gradients_of(step, images, labels)
+        assert torch.equal(total, reference.detach())
+        assert grads.keys() == reference_grads.keys()
+        assert all(torch.equal(grads[name], reference_grads[name]) for name in grads)
+
+
+def test_degraded_views_with_nothing_degraded_give_the_same_losses_and_gradients():
+    images, labels = batch()
+    total_off, grads_off = gradients_of(tiny_step(["--ae-name", "vae"]), images, labels)
+    total_on, grads_on = gradients_of(tiny_step(["--ae-name", "vae", "--degraded-views", "--degrade-prob", "0"]),
+                                      images, labels)
+    assert torch.equal(total_on, total_off)
+    assert all(torch.equal(grads_on[name], grads_off[name]) for name in grads_off)
+
+
+def test_kl_warm_up_ramps_beta_from_zero():
+    assert train.kl_beta(0, 10, 0.5) == 0.0
+    assert train.kl_beta(5, 10, 0.5) == pytest.approx(0.25)
+    assert train.kl_beta(10, 10, 0.5) == 0.5
+    assert train.kl_beta(40, 10, 0.5) == 0.5
+    assert train.kl_beta(0, 0, 2.0) == 2.0
+    step = tiny_step(["--ae-name", "vae", "--kl", "0.1", "--kl-warmup", "2", "--beta", "4"])  # 8 warm-up steps
+    images, labels = batch()
+    for at, beta in ((0, 0.0), (2, 1.0), (8, 4.0)):
+        step.step = at
+        torch.manual_seed(7)
+        total, terms = step(images, labels)
+        weights = {"triplet": 1.0, "id": 1.0, "kl": 0.1 * beta, "reconstruction": 1.0, "bce": 1.0}
+        expected = sum(weights[name] * value.item() for name, value in terms.items())
+        assert total.item() == pytest.approx(expected, rel=1e-5), at
+        assert "kl" in terms  # reported unweighted even while β is 0
+
+
+def test_mu_bn_embeds_through_the_neck_and_the_siamese_head_gets_the_code_back():
+    step = tiny_step(["--ae-name", "vae", "--embedding", "mu-bn"])
+    model = step.model
+    images, _ = batch()
+    for _ in range(3):  # running statistics away from their initial 0 and 1
+        model.train()(images)
+    model.eval()
+    with torch.no_grad():
+        code = model.ae.encode(model.backbone(images))
+        bn = model.classifier.identity.bn
+        expected = (code - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        embedding = model.embed(images)
+        torch.testing.assert_close(embedding, expected)
+        assert not torch.allclose(embedding, code)
+        torch.testing.assert_close(model.verify_embeddings(embedding[:4], embedding[4:]),
+                                   model.verify(code[:4], code[4:]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared: Path, tmp_path: Path):
+    import eval as evaluation
+    import features
+
+    result = tmp_path / "run"
+    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+                "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
+                "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--degraded-views",
+                "--degrade-prob", "0.7", "--kl-warmup", "1", "--beta", "2", "--embedding", "mu-bn"])
+    flags = json.loads((result / "config.json").read_text())["flags"]
+    assert (flags["degraded_views"], flags["degrade_prob"], flags["kl_warmup"], flags["beta"], flags["embedding"]) \
+        == (True, 0.7, 1.0, 2.0, "mu-bn")
+    args = evaluation.parse_args(["--all-dir", str(result), "--workers", "0"])
+    settings = features.model_settings(args)
+    assert settings["embedding"] == "mu-bn"
+    assert features.load_model(settings, torch.device("cpu")).embedding == "mu-bn"
+    report = evaluation.main(["--all-dir", str(result), "--workers", "0"])
+    assert 0 <= report["mAP"] <= 1 and report["model"]["embedding"] == "mu-bn"
