@@ -18,7 +18,7 @@ import prepare
 import train
 from conftest import ROOT
 from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
-from model import ReIDModel
+from model import ReIDModel, build_trained
 from utils import UserError, load_torch
 
 TINY = ["--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64", "--img-size", "64", "32",
@@ -429,6 +429,6 @@ def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared
     args = evaluation.parse_args(["--all-dir", str(result), "--workers", "0"])
     settings = features.model_settings(args)
     assert settings["embedding"] == "mu-bn"
-    assert features.load_model(settings, torch.device("cpu")).embedding == "mu-bn"
+    assert build_trained(settings).embedding == "mu-bn"
     report = evaluation.main(["--all-dir", str(result), "--workers", "0"])
     assert 0 <= report["mAP"] <= 1 and report["model"]["embedding"] == "mu-bn"
