@@ -74,7 +74,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     """The synthetic set's preset, with the size flags given overriding the preset's sizes."""
     sizes = {name: getattr(args, name) for name in SIZE_FLAGS if getattr(args, name) is not None}
-    return preset_config(args.preset, **sizes, seed=args.seed)
+    config = preset_config(args.preset, **sizes, seed=args.seed)
+    if config.train_images and args.images_per_camera is not None:
+        raise UserError(f"--images-per-camera: the {args.preset} preset fixes its image totals; leave the flag out")
+    return config
 
 
 def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> None:

@@ -152,6 +152,12 @@ def test_the_preset_is_recorded_and_another_preset_refused(tmp_path: Path):
     assert snapshot(tmp_path / "s") == before
 
 
+def test_images_per_camera_is_refused_where_the_preset_fixes_totals(tmp_path: Path):
+    with pytest.raises(UserError, match="--images-per-camera: the market preset fixes its image totals"):
+        prepare.main(["--synthetic", str(tmp_path / "s"), "--preset", "market", "--images-per-camera", "2"])
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_record_from_before_presets_reads_as_the_default(tmp_path: Path):
     small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height", "16",
              "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
