@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from datasets import PKSampler, SyntheticConfig, build_transforms, load_train_records, train_loader  # noqa: E402
+from datasets import PKSampler, build_transforms, load_train_records, train_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
+from synthetic import SyntheticConfig  # noqa: E402
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
 
 # Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's keep the run to
