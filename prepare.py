@@ -1,4 +1,4 @@
-"""Lay out Market-1501, DukeMTMC-reID, MSMT17, CUHK03-NP (or the synthetic Market-format set) as a prepared root of
+"""Lay out Market-1501, DukeMTMC-reID, MSMT17, CUHK03-NP (or a synthetic Market-format set) as a prepared root of
 links and split manifests.
 
 The user's images are never moved, deleted or overwritten: the prepared root holds links (or copies with
@@ -24,7 +24,6 @@ from datasets import (
     PUBLISHED,
     FoundSet,
     ImageRecord,
-    SyntheticConfig,
     count_differences,
     find_dataset,
     find_unreadable,
@@ -36,14 +35,15 @@ from datasets import (
     split_counts,
     split_validation_ids,
     without_labels,
-    write_synthetic,
 )
+from synthetic import PRESETS, SyntheticConfig, preset_config, write_synthetic
 from utils import LOG, UserError, normalise_flag_spelling, read_json, run_script, setup_logging, write_json
 
 DEFAULT_VAL_IDS = 100
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 SYNTHETIC_RECORD = "synthetic.json"
 SHOWN_UNREADABLE = 20
+SIZE_FLAGS = ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width", "distractors", "junk")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,16 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "at most a fifth of the training identities)")
     parser.add_argument("--test-share", type=float, default=0.6, help="the seed split's share of images for test")
     parser.add_argument("--seed", type=int, default=0)
-    synth = parser.add_argument_group("synthetic set sizes")
-    defaults = SyntheticConfig()
-    synth.add_argument("--train-ids", type=int, default=defaults.train_ids)
-    synth.add_argument("--test-ids", type=int, default=defaults.test_ids)
-    synth.add_argument("--cameras", type=int, default=defaults.cameras)
-    synth.add_argument("--images-per-camera", type=int, default=defaults.images_per_camera)
-    synth.add_argument("--height", type=int, default=defaults.height)
-    synth.add_argument("--width", type=int, default=defaults.width)
-    synth.add_argument("--distractors", type=int, default=defaults.distractors)
-    synth.add_argument("--junk", type=int, default=defaults.junk)
+    synth = parser.add_argument_group("synthetic set (sizes default to the preset's)")
+    synth.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                       help="default: the demo's set; hard: near-identical families, strong camera shifts, "
+                       "occlusion, misaligned boxes; market: hard at Market-1501's counts; domain-b: the default "
+                       "set seen by other cameras in other clothes")
+    for name in SIZE_FLAGS:
+        synth.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.data is None and args.synthetic is None:
@@ -85,20 +82,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--workers {args.workers}: expected 1 or more")
     if args.val_ids is not None and args.val_ids < 0:
         parser.error(f"--val-ids {args.val_ids}: expected 0 or more")
-    for name in ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
-    for name in ("distractors", "junk"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} {getattr(args, name)}: expected 0 or more")
+    for name in SIZE_FLAGS:
+        least = 0 if name in ("distractors", "junk") else 1
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            expected = "0 or more" if least == 0 else "a positive number"
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {expected}")
     return args
 
 
 def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
-    """The synthetic set's sizes from the flags."""
-    return SyntheticConfig(args.train_ids, args.test_ids, args.cameras, args.images_per_camera,
-                           height=args.height, width=args.width, distractors=args.distractors, junk=args.junk,
-                           seed=args.seed)
+    """The synthetic set's preset, with the size flags given overriding the preset's sizes."""
+    sizes = {name: getattr(args, name) for name in SIZE_FLAGS if getattr(args, name) is not None}
+    config = preset_config(args.preset, **sizes, seed=args.seed)
+    if config.train_images and args.images_per_camera is not None:
+        raise UserError(f"--images-per-camera: the {args.preset} preset fixes its image totals; leave the flag out")
+    return config
 
 
 def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> None:
@@ -106,15 +104,20 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> N
     record = folder / SYNTHETIC_RECORD
     wanted = dataclasses.asdict(config)
     if record.is_file():
-        if read_json(record) == wanted:
+        found = {**dataclasses.asdict(SyntheticConfig()), **read_json(record)}  # records before presets: default
+        if found == wanted:
             LOG.info("%s: synthetic set already there, same settings", folder)
             return
+        if found["preset"] != config.preset:
+            raise UserError(f"{folder}: holds the synthetic preset '{found['preset']}' ({record}), not "
+                            f"'{config.preset}'; choose another folder for --preset {config.preset}")
         raise UserError(f"{folder}: holds a synthetic set with other settings ({record}); choose another folder")
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder}: not empty; the synthetic set is written only into a new or empty folder")
     counts = write_synthetic(folder, config, progress=progress)
     write_json(record, wanted)
-    LOG.info("%s: wrote %s", folder, ", ".join(f"{n} {part}" for part, n in counts.items()))
+    LOG.info("%s: wrote %s (preset %s)", folder, ", ".join(f"{n} {part}" for part, n in counts.items()),
+             config.preset)
 
 
 def place_image(source: Path, target: Path, copy: bool) -> None:

@@ -3,6 +3,7 @@ loader both ways (--loader pil and tensor), in one run.
 
 python bench/data_pipeline.py                    # the demo's synthetic set (100 + 100 identities, 128×64)
 python bench/data_pipeline.py --json runs/bench/data.json --img-size 256 128
+python bench/data_pipeline.py --preset hard      # another preset of synthetic.py, at its own sizes
 
 The training loader is timed over the same P×K batches at --img-size (default 256×128) both ways: `pil`, the
 images decoded and augmented one by one in --workers processes (train_loader), and `batched`, the set decoded once
@@ -34,15 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import (  # noqa: E402
     PKSampler,
     ReIDDataset,
-    SyntheticConfig,
     build_transforms,
     load_image,
     load_market,
     train_loader,
-    write_synthetic,
 )
 from decoded import DecodedTrainLoader, decode_records  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
+from synthetic import PRESETS, preset_config, write_synthetic  # noqa: E402
 from utils import write_json  # noqa: E402
 
 
@@ -128,8 +128,9 @@ def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-ids", type=int, default=100)
-    parser.add_argument("--test-ids", type=int, default=100)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="default")
+    parser.add_argument("--train-ids", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--test-ids", type=int, default=None, help="default: the preset's")
     parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"))
     parser.add_argument("--images", type=int, default=2000, help="images to decode and transform")
     parser.add_argument("--img-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
@@ -140,8 +141,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view
-    config = SyntheticConfig(train_ids=args.train_ids, test_ids=args.test_ids, height=args.size[0],
-                             width=args.size[1])
+    ids = {name: getattr(args, name) for name in ("train_ids", "test_ids") if getattr(args, name) is not None}
+    config = preset_config(args.preset, **ids, height=args.size[0], width=args.size[1])
     with tempfile.TemporaryDirectory() as folder:
         generate_s, counts = timed(lambda: write_synthetic(folder, config, progress=False))
         generated = sum(counts.values())
@@ -153,12 +154,12 @@ def main() -> None:
         baseline = pixel_baseline(Path(folder), tuple(args.size))
         loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches)
     decode_rate = args.images / decode_s
-    figures = {"size": list(args.size), "generated_images": generated, "generate_s": generate_s,
+    figures = {"preset": args.preset, "size": list(args.size), "generated_images": generated, "generate_s": generate_s,
                "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
                "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate,
                **baseline, **loaders}
-    print(f"synthetic set {args.train_ids} + {args.test_ids} identities at {args.size[0]}×{args.size[1]}, "
-          f"one thread")
+    print(f"synthetic set '{args.preset}', {config.train_ids} + {config.test_ids} identities at "
+          f"{args.size[0]}×{args.size[1]}, one thread")
     print(f"  generator                       {generated / generate_s:8.0f} images/s  ({generated} images in "
           f"{generate_s:.1f} s)")
     print(f"  decode only (reference)         {decode_rate:8.0f} images/s")

@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from datasets import PKSampler, SyntheticConfig, load_train_records  # noqa: E402
+from datasets import PKSampler, load_train_records  # noqa: E402
 from decoded import training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
+from synthetic import SyntheticConfig  # noqa: E402
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
 
 # Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's keep the run to

@@ -1,4 +1,4 @@
-"""The Market-1501 data layer: parsing, errors, the synthetic generator, the P×K sampler and transforms."""
+"""The Market-1501 data layer: parsing, errors, the P×K sampler and transforms."""
 
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ from conftest import make_market_tree
 from datasets import (
     ImageRecord,
     PKSampler,
-    SyntheticConfig,
     build_transforms,
     find_dataset,
     load_market,
     parse_market_name,
-    write_synthetic,
 )
 from utils import UserError
 
@@ -94,38 +92,6 @@ def test_files_that_are_not_jpg_are_ignored_and_counted(tmp_path: Path, caplog: 
         parts = load_market(root)
     assert len(parts["query"]) == 3
     assert "query: ignored 3 files that are not .jpg images" in caplog.text
-
-
-SMALL = SyntheticConfig(train_ids=4, test_ids=3, cameras=3, images_per_camera=2, height=32, width=16,
-                        distractors=5, junk=2, seed=3)
-
-
-def test_synthetic_set_follows_market_naming_and_counts(tmp_path: Path):
-    counts = write_synthetic(tmp_path, SMALL, progress=False)
-    parts = load_market(tmp_path)
-    assert counts == {"train": len(parts["train"]), "gallery": len(parts["gallery"]), "query": len(parts["query"])}
-    train_pids = {r.pid for r in parts["train"]}
-    test_pids = {r.pid for r in parts["query"]}
-    assert len(train_pids) == 4 and len(test_pids) == 3 and not train_pids & test_pids
-    gallery_pids = Counter(r.pid for r in parts["gallery"])
-    assert gallery_pids[0] == 5 and gallery_pids[-1] == 2
-    # Every test identity has one query per camera it appears in and two gallery images per such camera.
-    for pid in test_pids:
-        query_cams = sorted(r.camid for r in parts["query"] if r.pid == pid)
-        gallery_cams = Counter(r.camid for r in parts["gallery"] if r.pid == pid)
-        assert len(query_cams) >= 2 and gallery_cams == {c: 2 for c in query_cams}
-    with Image.open(parts["train"][0].path) as img:
-        assert img.size == (16, 32)
-
-
-
-def test_synthetic_set_is_deterministic_for_a_seed(tmp_path: Path):
-    write_synthetic(tmp_path / "a", SMALL, progress=False)
-    write_synthetic(tmp_path / "b", SMALL, progress=False)
-    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
-    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.jpg"))
-    assert files_a == files_b
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
 
 
 def test_pk_batches_hold_p_distinct_identities_of_k_images():

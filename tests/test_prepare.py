@@ -138,6 +138,40 @@ def test_synthetic_folder_is_reused_or_refused(tmp_path: Path):
         prepare.main(["--synthetic", str(tmp_path / "users"), *small])
 
 
+def test_the_preset_is_recorded_and_another_preset_refused(tmp_path: Path):
+    small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--height", "16", "--width", "8",
+             "--distractors", "1", "--junk", "1", "--quiet"]
+    prepare.main(["--synthetic", str(tmp_path / "s"), "--preset", "domain-b", *small])
+    record = json.loads((tmp_path / "s" / "synthetic.json").read_text())
+    assert (record["preset"], record["train_ids"], record["images_per_camera"]) == ("domain-b", 3, 4)
+    before = snapshot(tmp_path / "s")
+    result = run_prepare("--synthetic", str(tmp_path / "s"), "--preset", "hard", *small)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {tmp_path / 's'}: holds the synthetic preset 'domain-b' "
+                                     f"({tmp_path / 's' / 'synthetic.json'}), not 'hard'; choose another folder "
+                                     "for --preset hard")
+    assert snapshot(tmp_path / "s") == before
+
+
+def test_images_per_camera_is_refused_where_the_preset_fixes_totals(tmp_path: Path):
+    with pytest.raises(UserError, match="--images-per-camera: the market preset fixes its image totals"):
+        prepare.main(["--synthetic", str(tmp_path / "s"), "--preset", "market", "--images-per-camera", "2"])
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_record_from_before_presets_reads_as_the_default(tmp_path: Path):
+    small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height", "16",
+             "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
+    prepare.main(["--synthetic", str(tmp_path / "s"), *small])
+    record = tmp_path / "s" / "synthetic.json"
+    old = {k: v for k, v in json.loads(record.read_text()).items()
+           if k not in ("preset", "train_images", "query_images", "gallery_images")}
+    record.write_text(json.dumps(old))
+    prepare.main(["--synthetic", str(tmp_path / "s"), *small])  # the same set: accepted, left as it is
+    with pytest.raises(UserError, match="holds the synthetic preset 'default'"):
+        prepare.main(["--synthetic", str(tmp_path / "s"), *small, "--preset", "domain-b"])
+
+
 def test_synthetic_prepared_fixture_has_every_split(synthetic_prepared: Path):
     train, num_classes = load_train_records(synthetic_prepared)
     assert num_classes == 8 and sorted({r.label for r in train}) == list(range(8))
