@@ -290,7 +290,7 @@ def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Pat
 
 def tiny_step(flags: list[str], seed: int = 0) -> train.TrainStep:
     """A TrainStep over a resnet18 at 32×16 with four identities, built from train.py's flags."""
-    args = train.parse_args(["--latent-dim", "16", *flags])
+    args = train.parse_args(["--latent-dim", "16", "--batch-p", "4", "--batch-k", "2", *flags])
     torch.manual_seed(seed)
     model = ReIDModel("resnet18", args.ae_name, 4, latent_dim=16, img_size=(32, 16), embedding=args.embedding)
     weights = train.loss_weights(args)
