@@ -218,8 +218,12 @@ def fog(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarra
     return to_pixels(x * peak / (peak + strength))
 
 
+FROST_MEAN, FROST_STD = np.array([146.0, 167.0, 179.0]), 28.0  # the reference's five textures, averaged (RGB)
+
+
 def frost_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A procedural frost layer in 0..255 (RGB): ice needles over a fractal haze, pale blue."""
+    """A procedural frost layer in 0..255 (RGB): ice needles over a fractal haze, with the reference textures'
+    mean colour and contrast."""
     h, w = shape
     needles = np.zeros((h, w), dtype=np.float32)
     for _ in range(h * w // 24):
@@ -229,8 +233,9 @@ def frost_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
         cv2.line(needles, (round(x0), round(y0)), end, float(rng.uniform(0.3, 1.0)), 1, cv2.LINE_AA)
     needles = cv2.GaussianBlur(needles, (0, 0), 0.6)
     haze = plasma_fractal(1 << (max(h, w) - 1).bit_length(), 1.8, rng)[:h, :w]
-    layer = np.clip(0.35 * haze + 0.8 * needles, 0, 1)
-    return layer[:, :, None] * np.array([200.0, 220.0, 235.0])
+    layer = 0.35 * haze + 0.8 * needles
+    layer = (layer - layer.mean()) / max(float(layer.std()), 1e-6)
+    return np.clip(FROST_MEAN + FROST_STD * layer[:, :, None], 0, 255)
 
 
 def frost(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:

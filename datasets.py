@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from utils import UserError, read_json
 
 LOG = logging.getLogger("reid")
@@ -475,13 +476,64 @@ def load_image(path: str) -> Image.Image:
         raise UserError(f"{path}: cannot read image ({err})") from err
 
 
-class ReIDDataset(Dataset):
-    """Images of a list of records: (tensor, label or pid, camera, index)."""
+# ---------------------------------------------------------------------------------------------------------
+# The Market-1501-C protocol: a corruption and severity drawn per evaluation image from a fixed seed
+# ---------------------------------------------------------------------------------------------------------
 
-    def __init__(self, records: Sequence[ImageRecord], transform: T.Compose, use_label: bool = True):
+QUERY_SIDE, GALLERY_SIDE = 0, 1
+
+Draw = tuple[str, int, int]  # corruption name, severity, noise seed
+
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    """Which corruptions and severities evaluation images draw from, and the seed of the draws."""
+
+    names: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = SEVERITIES
+    seed: int = 0
+
+    def key(self) -> str:
+        """The settings in words, e.g. 'all|s=all|seed=0' or 'fog,rain|s=3|seed=1' (results.json's key)."""
+        names = "all" if self.names == CORRUPTIONS else ",".join(self.names)
+        severities = "all" if self.severities == SEVERITIES else ",".join(map(str, self.severities))
+        return f"{names}|s={severities}|seed={self.seed}"
+
+
+def corruption_draw(settings: CorruptionSettings, side: int, index: int) -> Draw:
+    """The corruption, severity and noise seed of image `index` of a side (query or gallery): a function of
+    (seed, side, index) alone, so loader workers and batching cannot change it."""
+    rng = np.random.default_rng([settings.seed, side, index])
+    name = settings.names[int(rng.integers(len(settings.names)))]
+    severity = settings.severities[int(rng.integers(len(settings.severities)))]
+    return name, severity, int(rng.integers(2**63))
+
+
+def corruption_draws(settings: CorruptionSettings, num_query: int, num_gallery: int) -> list[Draw]:
+    """Draws for the query images then the gallery images, in that order (eval_loader's)."""
+    return ([corruption_draw(settings, QUERY_SIDE, i) for i in range(num_query)] +
+            [corruption_draw(settings, GALLERY_SIDE, i) for i in range(num_gallery)])
+
+
+def corrupted_image(image: Image.Image, draw: Draw | None) -> Image.Image:
+    """The decoded image with its drawn corruption applied at its stored size (unchanged when `draw` is None)."""
+    if draw is None:
+        return image
+    return Image.fromarray(corrupt(np.asarray(image), *draw))
+
+
+class ReIDDataset(Dataset):
+    """Images of a list of records: (tensor, label or pid, camera, index); `draws`, one per record, corrupts each
+    decoded image before the transforms."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: T.Compose, use_label: bool = True,
+                 draws: Sequence[Draw] | None = None):
+        if draws is not None and len(draws) != len(records):
+            raise ValueError(f"{len(draws)} corruption draws for {len(records)} images")
         self.records = list(records)
         self.transform = transform
         self.use_label = use_label
+        self.draws = draws
 
     def __len__(self) -> int:
         return len(self.records)
@@ -490,7 +542,7 @@ class ReIDDataset(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
         target = record.label if self.use_label else record.pid
-        image = load_image(record.path)
+        image = corrupted_image(load_image(record.path), None if self.draws is None else self.draws[index])
         if sample_seed is not None:
             # Augmentation drawn from the sample's own seed: the same batch gets the same pixels whichever worker
             # loads it, and a resumed epoch repeats the interrupted one exactly.
@@ -564,8 +616,9 @@ def train_loader(records: Sequence[ImageRecord], transform: T.Compose, sampler: 
                       generator=torch.Generator().manual_seed(sampler.seed))
 
 
-def eval_loader(records: Sequence[ImageRecord], transform: T.Compose, batch_size: int, workers: int) -> DataLoader:
-    """A loader over evaluation images in their given order, targets being person ids."""
-    return DataLoader(ReIDDataset(records, transform, use_label=False), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+def eval_loader(records: Sequence[ImageRecord], transform: T.Compose, batch_size: int, workers: int,
+                draws: Sequence[Draw] | None = None) -> DataLoader:
+    """A loader over evaluation images in their given order, targets being person ids; `draws` corrupts them."""
+    return DataLoader(ReIDDataset(records, transform, use_label=False, draws=draws), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=detach_from_terminal_signals, generator=torch.Generator())
