@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates
-from scipy.ndimage import zoom as scipy_zoom
 from skimage.color import hsv2rgb, rgb2hsv
 
 from utils import UserError
@@ -161,11 +160,28 @@ def motion_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> n
     return np.clip(linear_motion_blur(image, radius, sigma, rng.uniform(-45, 45)), 0, 255)
 
 
-def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
-    """The central 1/factor of the image scaled up by `factor` (bilinear), at least the input's size."""
+def linear_resize(x: np.ndarray, axis: int, out: int, keep: int) -> np.ndarray:
+    """The first `keep` samples of `x` resized along `axis` to `out` samples by linear interpolation with the end
+    samples aligned, as scipy.ndimage.zoom(order=1) does (input position o·(size − 1)/(out − 1))."""
+    size = x.shape[axis]
+    position = np.arange(keep) * ((size - 1) / (out - 1) if out > 1 else 0.0)
+    low = np.minimum(np.floor(position).astype(int), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    shape = [1] * x.ndim
+    shape[axis] = keep
+    frac = (position - low).reshape(shape)
+    return np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac
+
+
+def clipped_zoom(x: np.ndarray, factor: float, whole: bool = False) -> np.ndarray:
+    """The central 1/factor of the image scaled up by `factor` (bilinear, scipy.ndimage.zoom's grid), cut to the
+    input's size unless `whole`. Separable: rows, then columns, only as many as are kept."""
     crop_h, crop_w = math.ceil(x.shape[0] / factor), math.ceil(x.shape[1] / factor)
     top, left = (x.shape[0] - crop_h) // 2, (x.shape[1] - crop_w) // 2
-    return scipy_zoom(x[top:top + crop_h, left:left + crop_w], (factor, factor, 1), order=1)
+    crop = x[top:top + crop_h, left:left + crop_w].astype(np.float64)
+    out_h, out_w = round(crop_h * factor), round(crop_w * factor)
+    keep_h, keep_w = (out_h, out_w) if whole else (min(x.shape[0], out_h), min(x.shape[1], out_w))
+    return linear_resize(linear_resize(crop, 0, out_h, keep_h), 1, out_w, keep_w).astype(x.dtype)
 
 
 ZOOM_FACTORS = ((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02), (1, 1.31, 0.03))
@@ -178,7 +194,7 @@ def zoom_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.
     h, w = x.shape[:2]
     total = np.zeros_like(x)
     for factor in factors:
-        total += clipped_zoom(x, factor)[:h, :w]
+        total += clipped_zoom(x, factor)
     return to_pixels((x + total) / (len(factors) + 1))
 
 
@@ -251,7 +267,7 @@ def snow(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarr
         (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
     x = image.astype(np.float32) / 255
     h, w = x.shape[:2]
-    flakes = clipped_zoom(rng.normal(loc=mean, scale=std, size=(h, w, 1)), zoom)[..., 0]
+    flakes = clipped_zoom(rng.normal(loc=mean, scale=std, size=(h, w, 1)), zoom, whole=True)[..., 0]
     flakes[flakes < threshold] = 0
     flakes = linear_motion_blur(np.clip(flakes, 0, 1), radius, sigma, rng.uniform(-135, -45))
     flakes = (np.round(flakes * 255).astype(np.uint8) / 255.0)[:h, :w, None]

@@ -499,6 +499,9 @@ class CorruptionSettings:
         severities = "all" if self.severities == SEVERITIES else ",".join(map(str, self.severities))
         return f"{names}|s={severities}|seed={self.seed}"
 
+    def __str__(self) -> str:
+        return self.key()
+
 
 def corruption_draw(settings: CorruptionSettings, side: int, index: int) -> Draw:
     """The corruption, severity and noise seed of image `index` of a side (query or gallery): a function of

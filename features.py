@@ -346,8 +346,11 @@ def corrupted_evaluation(inputs: EvaluationInputs, args: argparse.Namespace, cac
                             ranking_distances(found, args))
 
 
-def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> dict[str, np.ndarray]:
-    """The split's features without test-time flipping, as the Siamese head is scored and ranks."""
+def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
+                         corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
+    """The split's features (of the images corrupted by `corruption`, as `inputs` were) without test-time flipping,
+    as the Siamese head is scored and ranks."""
     if not args.flip:
         return inputs.found
-    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False)
+    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False,
+                           corruption)
