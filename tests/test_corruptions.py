@@ -183,7 +183,7 @@ def grey_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, grey in GREYS.items():
         (base / "raw" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 64), (grey, grey, grey)).save(base / "raw" / name)
-    prepare.main(["--data", str(base / "raw"), "--out", str(base / "prepared"), "--val-ids", "1"])
+    prepare.main(["--data", str(base / "raw"), "--out", str(base / "prepared"), "--val-ids", "0"])
     return base / "prepared"
 
 
