@@ -266,3 +266,17 @@ def test_bad_corruption_flags_are_named(flags: list[str], message: str, capsys: 
     with pytest.raises(SystemExit):
         evaluation.parse_args(["--all-dir", "runs/demo", *flags])
     assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_topk_shows_the_corrupted_images_the_model_ranked(tiny_run: Path, tmp_path: Path):
+    import topk
+
+    flags = ["--all-dir", str(tiny_run), "--workers", "0", "--queries", "random:1", "--k", "3"]
+    clean = topk.main([*flags, "--out", str(tmp_path / "clean")])
+    corrupted = topk.main([*flags, "--corrupt", "fog", "--severity", "5", "--out", str(tmp_path / "fog")])
+    grid = clean["queries"][0]["grid"]
+    assert corrupted["queries"][0]["grid"] == grid
+    clean_pixels = np.asarray(Image.open(tmp_path / "clean" / grid))
+    fog_pixels = np.asarray(Image.open(tmp_path / "fog" / grid))
+    assert clean_pixels.shape == fog_pixels.shape and not np.array_equal(clean_pixels, fog_pixels)
+    assert str(corrupted["flags"]["corruption"]) == "fog|s=5|seed=0"
