@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,7 +60,8 @@ def main() -> None:
     prepared, device = features.dataset_root(args), resolve_device(args.device)
     model = features.load_model(settings, device)
     inputs = features.EvaluationInputs(settings, prepared, model, device, {}, np.empty(0))
-    timed_evaluation(inputs, args, None)  # warm-up: first batches run slow on CPU
+    with torch.no_grad():  # warm-up: the first batches run slow on CPU
+        model.embed(torch.zeros(args.batch_size, 3, *settings["img_size"], device=device))
     clean_s, clean_map = timed_evaluation(inputs, args, None)
     corrupt_s, corrupt_map = timed_evaluation(inputs, args, corruption)
     query, gallery = load_eval_records(prepared, args.split)
