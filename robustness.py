@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets import CorruptionSettings
-from features import EvaluationInputs, rank_split, ranking_distances, split_features
+from features import EvaluationInputs, corruption_settings, rank_split, ranking_distances, split_features
 from utils import LOG, atomic_write_bytes, save_figure, write_json
 
 
@@ -89,9 +89,14 @@ def plot_grid(grid: dict[str, dict[str, dict]], clean_map: float, path: Path, ti
     save_figure(fig, path)
 
 
+def grid_settings(args: argparse.Namespace) -> CorruptionSettings:
+    """The grid's corruptions and severities: --corrupt's names (default all) and --severity's severities."""
+    return args.corruption or corruption_settings("all", args.severity, args.corrupt_seed)
+
+
 def write_grid(inputs: EvaluationInputs, args: argparse.Namespace, clean: dict, out: Path, **options) -> dict:
-    """Run the grid over --corrupt's names (default all) and --severity's severities, and write its three files."""
-    chosen = args.corruption or CorruptionSettings(seed=args.corrupt_seed)
+    """Run the grid over grid_settings' corruptions × severities, and write its three files."""
+    chosen = grid_settings(args)
     grid = robustness_grid(inputs, args, chosen.names, chosen.severities, chosen.seed, **options)
     title = f"{inputs.settings['backbone']} + {inputs.settings['ae']} on {args.split}, mAP (%) a corruption × severity"
     write_json(out / "robustness.json", {"clean": clean, "seed": chosen.seed, "grid": grid})

@@ -257,6 +257,15 @@ def test_corrupt_grid_writes_json_heat_map_and_table(tiny_run: Path, tmp_path: P
     assert "| fog |" in table and "| rain |" in table and (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_the_grid_takes_severity_with_or_without_corrupt():
+    from robustness import grid_settings
+
+    alone = grid_settings(evaluation.parse_args(["--all-dir", "x", "--corrupt-grid", "--severity", "3"]))
+    assert alone.names == CORRUPTIONS and alone.severities == (3,)
+    named = grid_settings(evaluation.parse_args(["--all-dir", "x", "--corrupt-grid", "--corrupt", "fog"]))
+    assert named.names == ("fog",) and named.severities == (1, 2, 3, 4, 5)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--corrupt", "fog,smog"], "--corrupt fog,smog: unknown smog; expected all or names from gaussian_noise"),
     (["--corrupt", "all", "--severity", "6"], "--severity 6: expected all, or severities from 1 to 5"),
