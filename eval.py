@@ -4,10 +4,13 @@ python eval.py --all-dir runs/demo                 # the standard test split, re
 python eval.py --all-dir runs/demo --split val --flip --rerank
 python eval.py --all-dir runs/demo --dataset-dir data/domain_b   # cross-domain: runs/demo/eval_<data set name>/
 python eval.py --all-dir runs/demo --aqe --rerank  # query expansion, then re-ranking
+python eval.py --all-dir runs/demo --corrupt all   # clean and Market-1501-C-corrupted figures side by side
+python eval.py --all-dir runs/demo --corrupt-grid  # every corruption × severity: robustness.json/.png/.md
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
-in verification.py, and the path from a result directory to features in features.py. `evaluate_rank`,
-`re_ranking` and `re_ranking_features` are importable from here too, where DESIGN.md's entry points name them.
+in verification.py, the path from a result directory to features in features.py, corrupted figures in
+robustness.py. `evaluate_rank`, `re_ranking` and `re_ranking_features` are importable from here too, where
+DESIGN.md's entry points name them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from datasets import manifest_path
 from features import (
     add_model_flags,
+    corrupted_evaluation,
     data_provenance,
     output_dir,
     parse_model_args,
@@ -30,6 +34,7 @@ from features import (
 )
 from metrics import AP_MODES, evaluate_rank
 from rerank import re_ranking, re_ranking_features
+from robustness import ranking_summary, side_by_side, write_grid
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
 from verification import verification_report
 
@@ -58,15 +63,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = output_dir(args)
     inputs = prepare_evaluation(args, out)
     settings, prepared, found, distances = inputs.settings, inputs.prepared, inputs.found, inputs.distances
-    result = rank_split(distances, found, args.split, prepared, max_rank=args.max_rank, ap_mode=args.ap_mode)
+    options = {"max_rank": args.max_rank, "ap_mode": args.ap_mode}
+    result = rank_split(distances, found, args.split, prepared, **options)
     cmc = result["cmc"]
+    clean = ranking_summary(result)
     report = {
-        "split": args.split, "mAP": result["mAP"], "mINP": result["mINP"], "ap_mode": args.ap_mode,
-        **{f"rank{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)},
-        "cmc": {str(k): float(v) for k, v in enumerate(cmc, start=1)},
+        "split": args.split, **clean, "ap_mode": args.ap_mode,
         "num_query": int(len(found["q_pids"])), "num_gallery": int(len(found["g_pids"])),
-        "num_valid_queries": int(result["num_valid_queries"]),
-        "num_skipped_queries": int(result["num_skipped_queries"]),
         "model": settings, "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "manifest": {"path": str(manifest_path(prepared, args.split)),
                      "sha256": sha256_file(manifest_path(prepared, args.split))},
@@ -79,6 +82,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                          args.verify_pairs, args.threshold, out, inputs.device)
         except ValueError as err:
             LOG.warning("warning: no verification metrics: %s", err)
+    if args.corruption is not None:
+        corrupted = corrupted_evaluation(inputs, args, out, args.corruption)
+        report["corrupted"] = {args.corruption.key(): ranking_summary(
+            rank_split(corrupted.distances, corrupted.found, args.split, prepared, **options))}
+    if args.corrupt_grid:
+        report["robustness"] = str(out / "robustness.json")
+        write_grid(inputs, args, clean, out, **options)
     write_json(out / "results.json", report)
     plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
             f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)
@@ -88,10 +98,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if report["data"]["cross_domain"]:
         LOG.info("  cross-domain: trained on %s (%s), evaluated on %s (%s)", report["data"]["trained_on"]["name"],
                  report["data"]["trained_on"]["root"], report["data"]["evaluated_on"]["name"], prepared)
-    LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
-    for k in (1, 5, 10):
-        if f"rank{k}" in report:
-            LOG.info("  Rank-%-2d %6.2f%%", k, 100 * report[f"rank{k}"])
+    if "corrupted" in report:
+        key, corrupted_figures = next(iter(report["corrupted"].items()))
+        LOG.info("%s", side_by_side(clean, corrupted_figures, key))
+    else:
+        LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
+        for k in (1, 5, 10):
+            if f"rank{k}" in report:
+                LOG.info("  Rank-%-2d %6.2f%%", k, 100 * report[f"rank{k}"])
     if "verification" in report:
         v = report["verification"]
         LOG.info("  Siamese head on %d pairs: accuracy %.2f%%, F1 %.3f, ROC AUC %.3f, PR AUC %.3f", v["pairs"],

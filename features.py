@@ -19,9 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from corruptions import CORRUPTIONS, SEVERITIES
 from datasets import (
     SPLITS,
+    CorruptedImages,
+    CorruptionSettings,
     build_transforms,
+    corruption_draws,
     dataset_identity,
     detach_from_terminal_signals,
     load_eval_records,
@@ -166,15 +170,22 @@ def model_fingerprint(settings: dict, flip: bool) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(settings: dict, manifest: Path, flip: bool) -> str:
-    """What a split's cached features depend on: the model and the split manifest."""
-    return hashlib.sha256((model_fingerprint(settings, flip) + sha256_file(manifest)).encode()).hexdigest()
+def feature_cache_key(settings: dict, manifest: Path, flip: bool, corruption: CorruptionSettings | None = None) -> str:
+    """What a split's cached features depend on: the model, the split manifest, and the corruption settings (with
+    the corruptions' code, so a change to it invalidates the cache)."""
+    digest = hashlib.sha256((model_fingerprint(settings, flip) + sha256_file(manifest)).encode())
+    if corruption is not None:
+        digest.update(corruption.key().encode())
+        digest.update(sha256_file(Path(__file__).with_name("corruptions.py")).encode())
+    return digest.hexdigest()
 
 
 def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
-                   cache: Path | None, batch_size: int = 128, workers: int = 2) -> dict[str, np.ndarray]:
-    """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted."""
-    key = feature_cache_key(settings, manifest_path(prepared, split), flip)  # dataset_root checked it is there
+                   cache: Path | None, batch_size: int = 128, workers: int = 2,
+                   corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
+    """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted;
+    with `corruption`, of the images corrupted by the Market-1501-C protocol."""
+    key = feature_cache_key(settings, manifest_path(prepared, split), flip, corruption)  # dataset_root checked it
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
             if str(stored["key"]) == key:
@@ -185,7 +196,10 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
                         "both must be non-empty")
     records = query + gallery
-    features = embed_images(model, [r.path for r in records], batch_size, flip, workers, progress=True).numpy()
+    paths = [r.path for r in records]
+    draws = None if corruption is None else corruption_draws(corruption, len(query), len(gallery))
+    images = paths if draws is None else CorruptedImages(paths, draws)
+    features = embed_images(model, images, batch_size, flip, workers, progress=True).numpy()
     pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
     n = len(query)
     found = {"qf": features[:n], "gf": features[n:], "q_pids": pids[:n], "g_pids": pids[n:],
@@ -225,6 +239,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=2)
     add("--device", default="auto")
     add("--no-cache", action="store_true", help="always extract features, never read or write the .npz cache")
+    add("--corrupt", metavar="all|NAME[,NAME...]",
+        help="also evaluate with Market-1501-C corruptions: each query and gallery image gets one of these, drawn "
+        f"per image with --corrupt-seed ({', '.join(CORRUPTIONS)})")
+    add("--severity", default="all", metavar="1..5|all", help="severities drawn from (a list like 1,3 works too)")
+    add("--corrupt-seed", type=int, default=0, help="seed of the per-image corruption draws")
+    add("--corrupt-grid", action="store_true",
+        help="every corruption (of --corrupt, default all) × severity: robustness.json, .png and .md")
     add("--out", type=Path, help="output folder (default RESULT_DIR/eval for eval.py, RESULT_DIR/topk for topk.py; "
         "<name>_<split> for splits other than test)")
 
@@ -241,7 +262,31 @@ def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         parser.error(f"--lambda-value {args.lambda_value}: expected a weight between 0 and 1")
     if not args.aqe_alpha >= 0:
         parser.error(f"--aqe-alpha {args.aqe_alpha}: expected a non-negative exponent")
+    try:
+        args.corruption = corruption_settings(args.corrupt, args.severity, args.corrupt_seed)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def corruption_settings(corrupt: str | None, severity: str, seed: int) -> CorruptionSettings | None:
+    """--corrupt, --severity and --corrupt-seed as settings (None without --corrupt); a ValueError names a bad one."""
+    if corrupt is None:
+        return None
+    names = CORRUPTIONS if corrupt == "all" else tuple(dict.fromkeys(n.strip() for n in corrupt.split(",")))
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown or not names:
+        raise ValueError(f"--corrupt {corrupt}: unknown {', '.join(unknown) or 'empty list'}; expected all or names "
+                         f"from {', '.join(CORRUPTIONS)}")
+    if severity == "all":
+        return CorruptionSettings(names, SEVERITIES, seed)
+    try:
+        severities = tuple(sorted({int(s) for s in severity.split(",")}))
+    except ValueError:
+        severities = ()
+    if not severities or any(s not in SEVERITIES for s in severities):
+        raise ValueError(f"--severity {severity}: expected all, or severities from 1 to 5 (e.g. 3 or 1,3)")
+    return CorruptionSettings(names, severities, seed)
 
 
 def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, prepared: Path,
@@ -348,25 +393,52 @@ class EvaluationInputs:
     distances: np.ndarray
 
 
+def corruption_file_tag(corruption: CorruptionSettings | None) -> str:
+    """The corruption settings in a feature cache's file name: '' when clean, else e.g. '_c-all_s-all_seed-0'
+    (a digest stands for a long list of names)."""
+    if corruption is None:
+        return ""
+    names, severities, seed = corruption.key().split("|")
+    if len(names) > 40:
+        names = hashlib.sha256(names.encode()).hexdigest()[:12]
+    return f"_c-{names.replace(',', '+')}_s-{severities[2:].replace(',', '+')}_seed-{seed[5:]}"
+
+
 def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, prepared: Path,
-                    device: torch.device, cache_dir: Path, flip: bool) -> dict[str, np.ndarray]:
-    """The split's features, cached as features_<split>[_flip].npz in `cache_dir` unless --no-cache."""
-    cache = None if args.no_cache else cache_dir / f"features_{args.split}{'_flip' if flip else ''}.npz"
+                    device: torch.device, cache_dir: Path, flip: bool,
+                    corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
+    """The split's features, cached as features_<split>[_flip][_c-...].npz in `cache_dir` unless --no-cache."""
+    name = f"features_{args.split}{'_flip' if flip else ''}{corruption_file_tag(corruption)}.npz"
+    cache = None if args.no_cache else cache_dir / name
     return split_features(model, settings, prepared, args.split, flip, device, cache, args.batch_size,
-                          args.workers)
+                          args.workers, corruption)
 
 
-def prepare_evaluation(args: argparse.Namespace, cache_dir: Path) -> EvaluationInputs:
-    """Load the model, embed the split (or read the cache in `cache_dir`) and compute the ranking distances."""
+def prepare_evaluation(args: argparse.Namespace, cache_dir: Path,
+                       corruption: CorruptionSettings | None = None) -> EvaluationInputs:
+    """Load the model, embed the split (or read the cache in `cache_dir`) and compute the ranking distances;
+    with `corruption`, of the corrupted split."""
     settings = model_settings(args)
     prepared, device = dataset_root(args), resolve_device(args.device)
     model = build_trained(settings, device)
-    found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip)
+    found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip, corruption)
     return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
 
 
-def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> dict[str, np.ndarray]:
-    """The split's features without test-time flipping, as the Siamese head is scored and ranks."""
+def corrupted_evaluation(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
+                         corruption: CorruptionSettings) -> EvaluationInputs:
+    """The same model and split with the images corrupted by `corruption`: its features (cached) and distances."""
+    found = cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir,
+                            args.flip, corruption)
+    return EvaluationInputs(inputs.settings, inputs.prepared, inputs.model, inputs.device, found,
+                            ranking_distances(found, args, inputs.device))
+
+
+def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
+                         corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
+    """The split's features (of the images corrupted by `corruption`, as `inputs` were) without test-time flipping,
+    as the Siamese head is scored and ranks."""
     if not args.flip:
         return inputs.found
-    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False)
+    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False,
+                           corruption)

@@ -3,6 +3,7 @@
 python topk.py --all-dir runs/demo                           # 8 random queries, in runs/demo/topk/
 python topk.py --all-dir runs/demo --queries worst:10 --show-removed
 python topk.py --all-dir runs/demo --score verifier --queries 0003_c1s1_000002_00.jpg
+python topk.py --all-dir runs/demo --corrupt all     # ranked and shown as the model saw them, Market-1501-C corrupted
 
 It ranks exactly as eval.py does (same features, cache, metric, re-ranking and protocol), so a grid shows what
 eval.py counted: gallery images of the query's person seen by the query's camera, and junk, are left out.
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import features
 import gallery
-from datasets import load_image
+from datasets import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupted_image, corruption_draw, load_image
 from metrics import protocol_masks
 from model import build_trained
 from utils import (
@@ -188,6 +189,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also show, greyed, the gallery images the protocol leaves out (same camera, junk)")
     parser.add_argument("--seed", type=int, default=0, help="for random:N")
     args = features.parse_model_args(parser, argv)
+    if args.corrupt_grid:
+        parser.error("--corrupt-grid: eval.py's (topk.py shows one setting: give --corrupt and --severity)")
     if args.k < 1:
         parser.error(f"--k {args.k}: expected a positive number of gallery images")
     if args.gallery is not None and not args.queries:
@@ -206,8 +209,14 @@ def ranking(inputs: features.EvaluationInputs, args: argparse.Namespace, cache_d
         return inputs.distances
     if "classifier" not in inputs.settings["files"]:
         raise UserError("--score verifier: needs the Siamese head (classifier.pt in --all-dir, or --classifier_dir)")
-    plain = features.unaugmented_features(inputs, args, cache_dir)
+    plain = features.unaugmented_features(inputs, args, cache_dir, args.corruption)
     return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
+
+
+def shown_image(path: Path, corruption: CorruptionSettings | None, side: int, index: int):
+    """An image as the model saw it: with its drawn corruption when --corrupt is given."""
+    draw = None if corruption is None else corruption_draw(corruption, side, index)
+    return corrupted_image(load_image(str(path)), draw)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -220,7 +229,7 @@ def split_topk(args: argparse.Namespace) -> dict:
     """Grids, ranks.csv and index.html for queries of a prepared split, ranked as eval.py ranks."""
     out = args.out if args.out is not None else features.result_folder(args, "topk")
     cache_dir = features.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
-    inputs = features.prepare_evaluation(args, cache_dir)
+    inputs = features.prepare_evaluation(args, cache_dir, args.corruption)
     found, prepared = inputs.found, inputs.prepared
     distances = ranking(inputs, args, cache_dir)
     result = features.rank_split(distances, found, args.split, prepared)
@@ -232,7 +241,7 @@ def split_topk(args: argparse.Namespace) -> dict:
         reasons = removal_reasons(found["q_pids"][q], found["q_camids"][q], found["q_files"][q], found["g_pids"],
                                   found["g_camids"], found["g_files"])
         ap = None if np.isnan(result["ap"][q]) else float(result["ap"][q])
-        tiles = [tile(load_image(str(prepared / found["q_files"][q])), COLOURS["query"],
+        tiles = [tile(shown_image(prepared / found["q_files"][q], args.corruption, QUERY_SIDE, q), COLOURS["query"],
                       [f"Q {found['q_pids'][q]} c{found['q_camids'][q]}", "skipped" if ap is None else
                        f"AP {100 * ap:.1f}%"], img_size)]
         rank = 0
@@ -243,7 +252,7 @@ def split_topk(args: argparse.Namespace) -> dict:
             score = float(distances[q, g]) if args.score == "distance" else 1.0 - float(distances[q, g])
             colour = COLOURS["removed"] if removed else COLOURS["match" if match else "mismatch"]
             head = f"{'-' if removed else f'#{rank}'} {found['g_pids'][g]} c{found['g_camids'][g]}"
-            tiles.append(tile(load_image(str(prepared / found["g_files"][g])), colour,
+            tiles.append(tile(shown_image(prepared / found["g_files"][g], args.corruption, GALLERY_SIDE, g), colour,
                               [head, f"{score_name[0]} {score:.3f}"], img_size, greyed=bool(removed)))
             rows.append({"query": found["q_files"][q], "rank": "" if removed else rank, "gallery": found["g_files"][g],
                          "pid": int(found["g_pids"][g]), "camid": int(found["g_camids"][g]),
@@ -255,7 +264,8 @@ def split_topk(args: argparse.Namespace) -> dict:
         entries.append({"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
                         "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name, "caption": caption})
     settings = inputs.settings
-    title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} by {args.score} on {args.split}"
+    title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} by {args.score} on {args.split}" + (
+        "" if args.corruption is None else f", corrupted ({args.corruption.key()})")
     summary = (f"mAP {100 * result['mAP']:.1f}% and Rank-1 {100 * result['cmc'][0]:.1f}% over "
                f"{result['num_valid_queries']} queries by this ranking. Frames: blue the query, green the same "
                "person, red another" + (", grey left out by the protocol (same camera or junk)."
