@@ -362,7 +362,7 @@ def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balance
 
 def validate(model: ReIDModel, loader, num_query: int, device: torch.device, prepared: Path) -> dict[str, float]:
     """mAP, mINP and Rank-1/5 on the validation split, by metrics.py's protocol code."""
-    embeddings, pids, camids = features.extract_features(model, loader, device, progress=False)
+    embeddings, pids, camids = features.extract_features(model, loader, progress=False)
     distances = metrics.embedding_distance(embeddings[:num_query], embeddings[num_query:]).numpy()
     labels = {"q_pids": pids[:num_query], "g_pids": pids[num_query:], "q_camids": camids[:num_query],
               "g_camids": camids[num_query:]}
