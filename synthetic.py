@@ -61,6 +61,7 @@ class Look:
     view_focus: float  # Dirichlet concentration of a camera's viewpoints: smaller, more one-sided cameras
     flicker: tuple[float, float]  # per-image lighting change within a camera
     family_size: int  # people a family of near-identical outfits holds (1: everyone drawn independently)
+    member_changes: tuple[int, int]  # traits a family member draws anew, fewest and most; siblings differ in 2+
     backpack: float  # probability a person carries one
     backpack_views: tuple[int, ...]  # viewpoints it is drawn in: 0 front, 1 back, 2 side
     backpack_over: bool  # drawn over the torso; under it (the original drawing) a back view hides it
@@ -79,15 +80,16 @@ class Look:
 
 DEFAULT_LOOK = Look(
     palette=PALETTE, camera_stream=1, wall=(60, 220), ground=(60, 200), gain=(0.65, 1.25), cast=(0.8, 1.2),
-    blur=1.2, noise=(2, 10), view_focus=0.8, flicker=(0.9, 1.1), family_size=1, backpack=0.35,
-    backpack_views=(1, 2), backpack_over=False, jacket=0.0, scale=(0.9, 1.05), shift=0.08, lift=0.03, stride=0.6,
-    arm=0.5, occluders=1, occlusion=0.2, occluder_top=(0.3, 0.7), occluder_width=(0.3, 0.45), crop_zoom=(1.0, 1.0),
+    blur=1.2, noise=(2, 10), view_focus=0.8, flicker=(0.9, 1.1), family_size=1, member_changes=(0, 0),
+    backpack=0.35, backpack_views=(1, 2), backpack_over=False, jacket=0.0, scale=(0.9, 1.05), shift=0.08, lift=0.03,
+    stride=0.6, arm=0.5, occluders=1, occlusion=0.2, occluder_top=(0.3, 0.7), occluder_width=(0.3, 0.45),
+    crop_zoom=(1.0, 1.0),
 )
 HARD_LOOK = dataclasses.replace(
-    DEFAULT_LOOK, gain=(0.45, 1.5), cast=(0.65, 1.35), blur=1.6, noise=(3, 14), view_focus=0.5, flicker=(0.8, 1.2),
-    family_size=4, backpack=0.5, backpack_views=(1,), backpack_over=True, jacket=0.35, scale=(0.8, 1.08),
-    shift=0.12, lift=0.06, stride=0.9, arm=0.9, occluders=2, occlusion=0.35, occluder_top=(0.2, 0.7),
-    occluder_width=(0.3, 0.6), crop_zoom=(0.78, 0.95),
+    DEFAULT_LOOK, gain=(0.6, 1.3), cast=(0.8, 1.2), blur=1.3, noise=(3, 12), view_focus=0.5, flicker=(0.85, 1.15),
+    family_size=2, member_changes=(2, 3), backpack=0.5, backpack_views=(1,), backpack_over=True, jacket=0.35,
+    scale=(0.8, 1.08), shift=0.12, lift=0.06, stride=0.9, arm=0.9, occluders=2, occlusion=0.2,
+    occluder_top=(0.2, 0.7), occluder_width=(0.25, 0.4), crop_zoom=(0.88, 0.98),
 )
 # Domain B: dim, blue-cast cameras over dark walls and pale floors, and another wardrobe.
 DOMAIN_B_LOOK = dataclasses.replace(
@@ -126,7 +128,7 @@ MARKET_SIZES = {"train_ids": 751, "test_ids": 750, "train_images": 12936, "query
                 "gallery_images": 13120, "distractors": 2793, "junk": 3819}
 PRESETS: dict[str, tuple[Look, dict]] = {
     "default": (DEFAULT_LOOK, {}),
-    "hard": (HARD_LOOK, {"images_per_camera": 3}),
+    "hard": (HARD_LOOK, {"images_per_camera": 4}),
     "market": (HARD_LOOK, MARKET_SIZES),
     "domain-b": (DOMAIN_B_LOOK, {}),
 }
@@ -167,14 +169,15 @@ def same_trait(a: object, b: object) -> bool:
 
 
 def family_member(base: dict, rng: np.random.Generator, look: Look, siblings: list[dict]) -> dict:
-    """A member of a family: the family's traits with one or two of MEMBER_TRAITS drawn anew until they differ
-    from the base, and the whole drawn again should it repeat a sibling."""
+    """A member of a family: the family's traits with `look.member_changes` of MEMBER_TRAITS drawn anew until they
+    differ from the base, and the whole drawn again should it differ from a sibling in fewer than two traits."""
+    fewest, most = look.member_changes
     while True:
         traits = dict(base)
-        for key in rng.choice(MEMBER_TRAITS, size=int(rng.integers(1, 3)), replace=False).tolist():
+        for key in rng.choice(MEMBER_TRAITS, size=int(rng.integers(fewest, most + 1)), replace=False).tolist():
             while same_trait(traits[key], base[key]):
                 traits[key] = identity_traits(rng, look)[key]
-        if not any(all(same_trait(traits[k], sibling[k]) for k in traits) for sibling in siblings):
+        if all(sum(not same_trait(traits[k], sibling[k]) for k in traits) >= 2 for sibling in siblings):
             return traits
 
 

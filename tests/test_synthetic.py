@@ -96,7 +96,7 @@ def test_market_preset_plans_market_1501s_counts():
             assert queries == {cam: 1 for cam in cams} and all(n >= 2 for n in cams.values())
 
 
-@pytest.mark.parametrize(("preset", "per_camera"), [("default", (4, 5)), ("hard", (3, 4)), ("domain-b", (4, 5))])
+@pytest.mark.parametrize(("preset", "per_camera"), [("default", (4, 5)), ("hard", (4, 5)), ("domain-b", (4, 5))])
 def test_drawn_presets_give_their_images_per_camera(preset: str, per_camera: tuple[int, int]):
     config = preset_config(preset)
     people = synthetic_plan(config)
@@ -114,7 +114,7 @@ def test_domain_b_keeps_the_default_names_and_counts():
 def test_preset_sizes_can_be_overridden():
     config = preset_config("hard", train_ids=5, seed=2)
     assert (config.preset, config.train_ids, config.test_ids, config.images_per_camera, config.seed) == (
-        "hard", 5, 100, 3, 2)
+        "hard", 5, 100, 4, 2)
     with pytest.raises(UserError, match="--preset easy: expected one of default, hard, market, domain-b"):
         preset_config("easy")
 
@@ -128,15 +128,15 @@ def trait_differences(a: dict, b: dict) -> int:
     return sum(not same(a[key], b[key]) for key in a)
 
 
-def test_hard_families_differ_in_one_or_two_traits_each():
+def test_hard_families_differ_in_two_or_three_traits_each():
     people = synthetic_plan(preset_config("hard", train_ids=24, test_ids=24))
     families: dict[tuple[str, int], list[dict]] = {}
     for person in people:
         families.setdefault((person.part, person.family), []).append(person.traits)
-    assert sorted(len(f) for f in families.values()) == [4] * 12
+    assert sorted(len(f) for f in families.values()) == [2] * 24
     within = [trait_differences(a, b) for f in families.values() for a, b in itertools.combinations(f, 2)]
-    # Each member changes one or two traits of the family's outfit, so two members differ in one to four.
-    assert min(within) >= 1 and max(within) <= 4
+    # Each member changes two or three traits of the family's outfit, and siblings differ in at least two.
+    assert min(within) >= 2 and max(within) <= 6
     across = [trait_differences(a.traits, b.traits) for a, b in itertools.combinations(people, 2)
               if (a.part, a.family) != (b.part, b.family)]
     assert np.mean(across) > 2 * np.mean(within) and min(across) > 2
