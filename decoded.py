@@ -33,7 +33,7 @@ from datasets import (
     load_image,
     train_loader,
 )
-from utils import LOG
+from utils import LOG, device_constant
 
 LOADERS = ("tensor", "pil")
 # Shares of free memory the decoded set may take: on a GPU the model's activations need the rest; on the CPU the
@@ -120,6 +120,14 @@ def decoded_or_none(records: Sequence[ImageRecord], img_size: tuple[int, int], t
 # ---------------------------------------------------------------------------------------------------------
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`, queued: a host tensor goes to a GPU through pinned memory, so the host does not wait for
+    the work already queued there (a plain copy from pageable memory synchronises the stream first)."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def batch_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
     """A CPU generator seeded by (seed, epoch, batch, rank): a resumed epoch draws the same parameters."""
     state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(2, np.uint32)
@@ -188,22 +196,22 @@ def gather_crops(store: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor,
     """Images `indices` of the store [N, 3, H, W], each read at its own rows and columns: [B, 3, H, W] uint8."""
     n, channels, h, w = store.shape
     plane_rows = (indices[:, None, None] * channels + torch.arange(channels)[None, :, None]) * h + rows[:, None, :]
-    picked = store.view(-1, w).index_select(0, plane_rows.view(-1).to(store.device))
+    picked = store.view(-1, w).index_select(0, to_device(plane_rows.view(-1), store.device))
     picked = picked.view(len(indices), channels, rows.shape[1], w)
-    return picked.gather(3, cols.to(store.device)[:, None, None, :].expand_as(picked))
+    return picked.gather(3, to_device(cols, store.device)[:, None, None, :].expand_as(picked))
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """0..255 pixels (uint8 or float) to float normalised with ImageNet's statistics, (x/255 − mean)/std in one pass
     (uint8 times a float scale is float: no separate conversion, a third of the time on the CPU)."""
-    std = torch.tensor(IMAGENET_STD, device=pixels.device)[:, None, None]
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device)[:, None, None]
+    std = device_constant(IMAGENET_STD, pixels.device)[:, None, None]
+    mean = device_constant(IMAGENET_MEAN, pixels.device)[:, None, None]
     return torch.addcmul(-mean / std, pixels, 1 / (255 * std))
 
 
 def jitter_lighting(images: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
     """ColorJitter's four adjustments on [0, 1] images with per-sample factors, by kornia.enhance."""
-    factors = factors.to(images.device)
+    factors = to_device(factors, images.device)
     steps = (kornia.enhance.adjust_brightness_accumulative, kornia.enhance.adjust_contrast_with_mean_subtraction,
              kornia.enhance.adjust_saturation_with_gray_subtraction,
              lambda x, f: kornia.enhance.adjust_hue(x, f * 2 * math.pi))  # a share of the hue circle, in radians
@@ -217,7 +225,7 @@ def erase(images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator)
     the noise is drawn once for all of them and nothing waits on the device."""
     erased = [(b, *box) for b, box in enumerate(boxes.tolist()) if box[2] > 0]
     sizes = [images.shape[1] * h * w for _, _, _, h, w in erased]
-    noise = torch.randn(sum(sizes), generator=generator).to(images.device, non_blocking=True)
+    noise = to_device(torch.randn(sum(sizes), generator=generator), images.device)
     for (b, top, left, h, w), chunk in zip(erased, noise.split(sizes), strict=True):
         images[b, :, top:top + h, left:left + w] = chunk.view(-1, h, w)
     return images
@@ -228,7 +236,7 @@ def augment_batch(store: torch.Tensor, indices: torch.Tensor, params: AugmentPar
     """The training batch: gathered with flip and pad-and-crop, normalised, lighting-jittered and erased."""
     img_size = tuple(store.shape[2:])
     rows, cols = crop_indices(params, img_size)
-    pixels = gather_crops(store, indices, rows, cols).to(device, non_blocking=True)
+    pixels = to_device(gather_crops(store, indices, rows, cols), device)
     if params.lighting is None:
         images = normalise(pixels)
     else:
@@ -262,7 +270,7 @@ class DecodedTrainLoader:
             generator = batch_generator(sampler.seed, sampler.epoch, batch, sampler.rank)
             params = draw_params(len(indices), tuple(self.store.shape[2:]), self.erasing, self.lighting, generator)
             images = augment_batch(self.store, indices, params, generator, self.device)
-            yield images, self.labels[indices.to(self.device)], self.camids[indices], indices
+            yield images, self.labels[to_device(indices, self.device)], self.camids[indices], indices
 
 
 class DecodedEvalLoader:
@@ -279,7 +287,7 @@ class DecodedEvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.pids), self.batch_size):
             indices = torch.arange(start, min(start + self.batch_size, len(self.pids)))
-            images = normalise(self.store[start:start + len(indices)].to(self.device, non_blocking=True))
+            images = normalise(to_device(self.store[start:start + len(indices)], self.device))
             yield images, self.pids[indices], self.camids[indices], indices
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
+from utils import device_constant
 
 FAMILIES = ("occlude", "light", "blur", "noise")
 # Parameter ranges, in pixel units of [0, 1] images.
@@ -30,8 +31,8 @@ NOISE_AMPLITUDE = (0.05, 0.2)
 
 
 def _stats(images: Tensor) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype)[None, :, None, None]
+    mean = device_constant(IMAGENET_MEAN, images.device, images.dtype)[None, :, None, None]
+    std = device_constant(IMAGENET_STD, images.device, images.dtype)[None, :, None, None]
     return mean, std
 
 
@@ -116,7 +117,7 @@ def degrade(images: Tensor, generator: torch.Generator, prob: float) -> Tensor:
     family = torch.randint(len(FAMILIES), (n,), generator=generator, device=device)
     block = sample_block(images.shape, generator, device)
     light = sample_light(n, generator, device)
-    radius = torch.tensor(BLUR_RADII, device=device)[
+    radius = device_constant(BLUR_RADII, device)[
         torch.randint(len(BLUR_RADII), (n,), generator=generator, device=device)]
     amplitude = _uniform(*NOISE_AMPLITUDE, n, generator, device)
     uniform = 2 * torch.rand(n, 1, *images.shape[2:], generator=generator, device=device) - 1

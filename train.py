@@ -68,6 +68,8 @@ LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
                  "beta", "embedding")
+# What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
+ABSENT_FLAGS = {"degraded_views": "False"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--result-dir", type=Path, default=None, help="where results go (default runs/<backbone>_<ae>)")
     add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
         "timm:<name>")
-    add("--ae-name", default="vae", help=f"autoencoder: {', '.join(AE_NAMES)}")
+    add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae, with degraded views: "
+        "the study's best autoencoder, README)")
     add("--latent-dim", type=int, default=512, help="embedding size (ignored by --ae-name none)")
-    add("--degraded-views", action="store_true",
-        help="train on degraded views (degradations.py: blocks, lighting, box blur, noise): every loss sees the "
-        "degraded view, except that an autoencoder's reconstruction target is the clean view's feature, detached; "
-        "for --ae-name none it is plain augmentation")
+    add("--degraded-views", action=argparse.BooleanOptionalAction, default=True,
+        help="train on degraded views (degradations.py: blocks, lighting, box blur, noise; default on, "
+        "--no-degraded-views for clean batches): every loss sees the degraded view, except that an autoencoder's "
+        "reconstruction target is the clean view's feature, detached; for --ae-name none, plain augmentation")
     add("--degrade-prob", type=float, default=0.5, help="share of a batch's images degraded (--degraded-views)")
     add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
     add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
@@ -390,13 +393,13 @@ def locked_value(name: str, value: str) -> str:
 
 def restore_checkpoint(path: Path, model, balancer, optimizer, scheduler, args) -> dict:
     """Load a checkpoint into model, loss weights, optimiser and scheduler; refuse one made with other model or
-    data flags (a flag older checkpoints lack, such as --balance, is taken to be at its default)."""
+    data flags (a flag older checkpoints lack, such as --balance, is taken to be at its default then)."""
     state = load_torch(path)
-    defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()}
-    changed = [k for k in RESUME_LOCKED
-               if locked_value(k, state["flags"].get(k, defaults[k])) != locked_value(k, str(getattr(args, k)))]
+    defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
+    saved = {k: state["flags"].get(k, defaults[k]) for k in RESUME_LOCKED}
+    changed = [k for k in RESUME_LOCKED if locked_value(k, saved[k]) != locked_value(k, str(getattr(args, k)))]
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} was {state['flags'].get(k)}" for k in changed)
+        detail = ", ".join(f"--{k.replace('_', '-')} was {saved[k]}" for k in changed)
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
     model.load_state_dict(state["model"])
     if "balancer" in state:

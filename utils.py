@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -147,6 +148,15 @@ def resolve_device(name: str):
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
 
+
+
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple[float, ...], device: Any, dtype: Any = None) -> Any:
+    """A constant tensor, made once per (values, device, dtype): made at each call it would be a copy to the GPU
+    that waits for everything queued there. Read it only; it is shared."""
+    import torch
+
+    return torch.tensor(values, dtype=dtype).to(device)
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: one state dict a part, and the full training state

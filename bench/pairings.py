@@ -1,5 +1,5 @@
 """Every backbone × autoencoder pairing trained and evaluated under one budget, over seeds: pairings.md,
-pairings.json, pairings.png (mAP heat map) and pairings_robustness.png (clean and corrupted mAP per row).
+pairings.json, pairings.png (mAP heat map) and pairings_robustness.png (clean against corrupted mAP per row).
 
 python bench/pairings.py                                   # the CPU list on the synthetic set -> runs/pairings/
 python bench/pairings.py --seed-list --data data/market --epochs 60 --img-size 256 128 --amp   # on a GPU
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import re
 import shlex
 import statistics
@@ -321,29 +320,28 @@ def plot_heat_map(rows: list[dict], backbones: list[str], aes: list[str], path: 
 
 
 def plot_robustness(rows: list[dict], path: Path) -> None:
-    """pairings_robustness.png: clean and corrupted mAP (%) of each row side by side, error bars one spread."""
+    """pairings_robustness.png: each row as a point, clean mAP (%) across and corrupted mAP (%) up, error bars one
+    seed spread each way; rows without corrupted figures are listed under the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    done = [r for r in rows if "mAP" in r]
-    x = np.arange(len(done))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(done) + 2), 4.2))
-    for offset, key, label in ((-0.2, "mAP", "clean"), (0.2, "corrupted_mAP", "corrupted (eval.py --corrupt all)")):
-        values = [100 * r.get(key, math.nan) for r in done]
-        spreads = [100 * (r.get(f"{key}_std") or 0.0) for r in done]
-        ax.bar(x + offset, values, 0.4, yerr=spreads, capsize=3, label=label)
+    done = [r for r in rows if "mAP" in r and "corrupted_mAP" in r]
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, r in enumerate(done):
-        if "corrupted_mAP" not in r:
-            ax.text(i + 0.2, 1, "n/a", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [f"{r['backbone']}\n{r['ae']}" for r in done], fontsize=8)
-    ax.set_xlim(-0.6, len(done) - 0.4)
-    ax.set_ylabel("mAP (%)")
+        ax.errorbar(100 * r["mAP"], 100 * r["corrupted_mAP"], xerr=100 * (r.get("mAP_std") or 0.0),
+                    yerr=100 * (r.get("corrupted_mAP_std") or 0.0), fmt="osD^v<>"[i // 10 % 7], capsize=3,
+                    color=f"C{i % 10}", label=f"{r['backbone']} {r['ae']}")
+    if done:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    missing = [f"{r['backbone']} {r['ae']}" for r in rows if r not in done]
+    ax.set_xlabel("clean mAP (%)" + (f"\nno corrupted figures: {', '.join(missing)}" if missing else ""))
+    ax.set_ylabel("corrupted mAP (%, eval.py --corrupt all)")
     seeds = max((len(r["seeds"]) for r in done), default=0)
-    ax.set_title(f"clean and corrupted mAP per row (mean ± std, {seeds} seed{'s' * (seeds != 1)})", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"clean against corrupted mAP per row (mean ± std, up to {seeds} seed{'s' * (seeds != 1)})",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -18,7 +18,9 @@ bare time over ours), with their spread beside it:
                    --data names a prepared root)
   loader alone     that loader's batches with no model: how fast data loading can go
 The ratios are ours over the bare backbone's images/s; the target is 0.95 for "ours, pipeline" on this project's
-2-core CPU machine. Train.py's flags go after `--`: `-- --loader pil`, `-- --compile`.
+2-core CPU machine. The step trains on clean batches (train.py's default degraded views add a second backbone
+pass, a modelling choice rather than overhead); train.py's flags go after `--`: `-- --loader pil`, `-- --compile`,
+`-- --degraded-views`.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     train_args = train.parse_args(
         ["--backbone-name", args.backbone, "--ae-name", args.ae, "--img-size", *map(str, args.img_size),
          "--batch-p", str(args.batch[0]), "--batch-k", str(args.batch[1]), "--workers", str(args.workers),
-         "--device", str(device), "--seed", str(args.seed), *amp, *rest])
+         "--device", str(device), "--seed", str(args.seed), "--no-degraded-views", *amp, *rest])
     return args, train_args
 
 

@@ -15,7 +15,7 @@ from scipy import stats
 import decoded
 from datasets import IMAGENET_MEAN, IMAGENET_STD, PKSampler, build_transforms, load_train_records
 from decoded import AugmentParams, DecodedTrainLoader, augment_batch, batch_generator, draw_params
-from utils import UserError
+from utils import UserError, device_constant
 
 SIZE = (64, 32)  # pad-and-crop margin max(1, round(64 / 25.6)) = 2
 PAD = 2
@@ -161,6 +161,38 @@ def test_a_resumed_epoch_draws_the_same_batches(synthetic_prepared: Path):
         assert torch.equal(labels, torch.tensor([records[i].label for i in indices]))
     sampler.set_epoch(3)
     assert not torch.equal(next(iter(loader))[0], whole[0][0])  # another epoch, other augmentation
+
+
+def test_device_constants_are_made_once_and_hold_their_values():
+    first = device_constant(IMAGENET_STD, torch.device("cpu"))
+    assert first is device_constant(IMAGENET_STD, torch.device("cpu"))
+    assert first.tolist() == pytest.approx([0.229, 0.224, 0.225]) and first.dtype == torch.float32
+    assert device_constant(IMAGENET_STD, torch.device("cpu"), torch.float64).dtype == torch.float64
+    values = torch.arange(6).view(2, 3)
+    assert decoded.to_device(values, torch.device("cpu")) is values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_from_the_decoded_set_on_a_gpu_queues_without_a_sync(synthetic_prepared: Path):
+    """Every copy to the GPU goes through pinned memory and every constant is made once: nothing waits."""
+    import degradations
+
+    device = torch.device("cuda")
+    records = load_train_records(synthetic_prepared)[0]
+    store = decoded.decode_records(records, SIZE, 1, device, progress=False)
+    sampler = PKSampler([r.label for r in records], 4, 2, seed=5)
+    loader = DecodedTrainLoader(store, records, sampler, 0.5, True, device)
+    sampler.set_epoch(1)
+    next(iter(loader))  # the constants made
+    degradations.degrade(next(iter(loader))[0], torch.Generator(device).manual_seed(0), 0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, labels, _, _ = next(iter(loader))
+        degradations.degrade(images, torch.Generator(device).manual_seed(1), 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.device.type == labels.device.type == "cuda"
 
 
 def test_where_the_decoded_set_goes(monkeypatch: pytest.MonkeyPatch):

@@ -170,6 +170,18 @@ def test_validation_split_with_nothing_to_rank_is_named_before_training(learnabl
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+def test_a_checkpoint_from_before_degraded_views_resumes_without_them(learnable: Path, tmp_path: Path):
+    """Checkpoints older than --degraded-views lack the flag: they were trained without, today's default is on."""
+    flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "old"), *TINY]
+    train.main([*flags, "--no-degraded-views", "--max-steps", "1"])
+    state = load_torch(tmp_path / "old" / "checkpoint.pt")
+    del state["flags"]["degraded_views"]
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"--degraded-views was False"):
+        train.main([*flags, "--resume"])
+    assert "best_val_mAP" in train.main([*flags, "--no-degraded-views", "--resume"])
+
+
 def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable: Path):
     with pytest.raises(UserError, match="holds a run already; pass --resume"):
         train.main(["--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
@@ -239,7 +251,7 @@ def test_sparsity_mode_flag_picks_the_penalty():
     code = model(images)["sparse_code"]
     expected = {"kl": sparsity_kl(code, 0.05), "l1": sparsity_l1(code)}
     for mode in ("kl", "l1"):
-        args = train.parse_args(["--ae-name", "sae", "--sparsity-mode", mode])
+        args = train.parse_args(["--ae-name", "sae", "--sparsity-mode", mode, "--no-degraded-views"])
         step = train.TrainStep(model, train.loss_weights(args), train.build_balancer(args, train.loss_weights(args)),
                                args)
         _, terms = step(images, labels)
@@ -351,11 +363,11 @@ def gradients_of(step: train.TrainStep, images: torch.Tensor, labels: torch.Tens
 @pytest.mark.parametrize("ae", ["vae", "dae", "none"])
 def test_the_flags_off_reproduce_the_step_bit_for_bit(ae: str):
     images, labels = batch()
-    absent = tiny_step(["--ae-name", ae])
-    off = tiny_step(["--ae-name", ae, "--degrade-prob", "0.3", "--kl-warmup", "0", "--beta", "1",
-                     "--embedding", "mu"])
+    absent = tiny_step(["--ae-name", ae, "--no-degraded-views"])
+    off = tiny_step(["--ae-name", ae, "--no-degraded-views", "--degrade-prob", "0.3", "--kl-warmup", "0", "--beta",
+                     "1", "--embedding", "mu"])
     # The step as it was before these flags: the model on the batch, then the weighted sum of the losses.
-    before = tiny_step(["--ae-name", ae])
+    before = tiny_step(["--ae-name", ae, "--no-degraded-views"])
     torch.manual_seed(7)
     outputs = before.model(images)
     reference, _ = total_loss(outputs, labels, before.weights, before.model, **before.options)
@@ -371,7 +383,7 @@ def test_the_flags_off_reproduce_the_step_bit_for_bit(ae: str):
 
 def test_degraded_views_with_nothing_degraded_give_the_same_losses_and_gradients():
     images, labels = batch()
-    total_off, grads_off = gradients_of(tiny_step(["--ae-name", "vae"]), images, labels)
+    total_off, grads_off = gradients_of(tiny_step(["--ae-name", "vae", "--no-degraded-views"]), images, labels)
     total_on, grads_on = gradients_of(tiny_step(["--ae-name", "vae", "--degraded-views", "--degrade-prob", "0"]),
                                       images, labels)
     assert torch.equal(total_on, total_off)
