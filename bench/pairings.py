@@ -139,11 +139,13 @@ def run_dir(out: Path, backbone: str, name: str, seed: int, first_seed: int) -> 
 
 
 def train_flags(run: Path, backbone: str, row_flags: list[str], seed: int, budget: dict, workers: int) -> list[str]:
-    """train.py's flags for one run: the budget's, then the row's (with --resume when a checkpoint is there)."""
+    """train.py's flags for one run: clean batches unless the budget or the row asks for degraded views (train.py's
+    default is on; a grid's rows say what they train on), the budget's, then the row's (with --resume when a
+    checkpoint is there)."""
     flags = ["--data", budget["data"], "--result-dir", str(run), "--backbone-name", backbone,
              "--epochs", str(budget["epochs"]), "--img-size", *map(str, budget["img_size"]),
              "--latent-dim", str(budget["latent_dim"]), "--seed", str(seed), "--workers", str(workers),
-             "--quiet", *budget["train_flags"], *row_flags]
+             "--quiet", "--no-degraded-views", *budget["train_flags"], *row_flags]
     return [*flags, "--resume"] if (run / CHECKPOINT_FILE).is_file() else flags
 
 

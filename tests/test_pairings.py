@@ -141,6 +141,19 @@ def test_a_variant_is_a_named_row_with_its_train_flags(capsys: pytest.CaptureFix
         assert expected in capsys.readouterr().err
 
 
+def test_a_row_trains_on_clean_batches_unless_it_or_the_budget_asks_for_degraded_views(tmp_path: Path):
+    budget = {"data": "d", "epochs": 1, "img_size": [64, 32], "latent_dim": 8, "train_flags": []}
+
+    def degraded(row_flags: list[str], budget_flags: list[str]) -> bool:
+        flags = pairings.train_flags(tmp_path / "r", "resnet18", row_flags, 0, {**budget, "train_flags": budget_flags},
+                                     1)
+        return pairings.train.parse_args(flags).degraded_views
+
+    assert not degraded(["--ae-name", "sae"], [])
+    assert degraded(["--ae-name", "sae", "--degraded-views"], [])
+    assert degraded(["--ae-name", "none"], ["--degraded-views"])
+
+
 def test_corrupted_columns_come_from_eval_when_it_has_the_flag(monkeypatch: pytest.MonkeyPatch):
     def help_with(text: str):
         def parse(argv):
@@ -182,6 +195,7 @@ def test_more_seeds_and_a_variant_extend_a_grid(grid: tuple[Path, list[dict]], s
     for name in ("resnet18_none_seed1", "resnet18_none+deg", "resnet18_none+deg_seed1"):
         assert read_json(out / name / "config.json")["flags"]["seed"] == (1 if "seed1" in name else 0)
     assert read_json(out / "resnet18_none+deg" / "config.json")["flags"]["degraded_views"]
+    assert not read_json(out / "resnet18_none_seed1" / "config.json")["flags"]["degraded_views"]
     assert len(evaluated) == 4  # seed 0 of none evaluated again, as its results lacked corrupted figures
     none = rows[0]
     assert none["corrupted_mAP"] == pytest.approx((none["runs"][0]["mAP"] + none["runs"][1]["mAP"]) / 4)
