@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare  # noqa: E402
 import train  # noqa: E402
 from datasets import PKSampler, load_train_records  # noqa: E402
-from decoded import training_loader  # noqa: E402
+from decoded import DecodedTrainLoader, training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
 from synthetic import SyntheticConfig  # noqa: E402
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
@@ -218,12 +218,18 @@ def measure(args, train_args) -> dict:
         steps = {"bare backbone": bare_backbone_step(args, train_args, num_classes, images, labels, use_amp),
                  "ours, tensors": ours, "ours, pipeline": ours, "loader alone": lambda: source["batch"]()}
         rows: dict[str, list[float]] = {name: [] for name in steps}
+
+        def fresh_loader():
+            return training_loader(train_args.loader, records, sampler, args.img_size, train_args.erasing,
+                                   train_args.lighting, args.workers, args.device, progress=False)
+
+        # The decoded set is decoded once and its loader reused (it prefetches nothing); the PIL loader's worker
+        # processes are made afresh for each row, so no batches are prefetched while other rows run.
+        first = fresh_loader()
+        decoded_loader = first if isinstance(first, DecodedTrainLoader) else None
         for round_ in range(args.rounds):
             for name in rotated(list(steps), round_):
-                # A fresh loader for each row, so no batches are prefetched while other rows run.
-                loader = training_loader(train_args.loader, records, sampler, args.img_size, train_args.erasing,
-                                         train_args.lighting, args.workers, args.device, progress=False) \
-                    if name in ("ours, pipeline", "loader alone") else None
+                loader = (decoded_loader or fresh_loader()) if name in ("ours, pipeline", "loader alone") else None
                 stream = endless(loader, sampler) if loader is not None else None
                 source["batch"] = (lambda s=stream: next(s)) if stream else (lambda: (images, labels))
                 rows[name].append(timed(steps[name], args.warmup, args.steps, args.device))
