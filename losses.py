@@ -264,8 +264,8 @@ class LossBalancer(nn.Module):
     def gradnorm_grad(self, terms: dict[str, Tensor], shared: Tensor, average=_same) -> Tensor:
         """The gradient of GradNorm's loss in the weights; `average` makes L₀ and the gradient agree across ranks."""
         losses = self.stack(terms).detach()
-        if not self.initial_losses.any():
-            self.initial_losses.copy_(average(losses).clamp_min(1e-8))
+        unset = ~self.initial_losses.any()  # L₀ is taken at the first step, chosen on the device with no wait
+        self.initial_losses.copy_(torch.where(unset, average(losses).clamp_min(1e-8), self.initial_losses))
         raw_norms = torch.stack([grad_norm(terms[name], shared) for name in self.names])
         loss = gradnorm_loss(self.weights, raw_norms, losses, self.initial_losses, self.alpha)
         (grad,) = torch.autograd.grad(loss, self.weights)

@@ -38,9 +38,9 @@ from datasets import (
     manifest_path,
 )
 from decoded import LOADERS, evaluation_loader, training_loader
-from degradations import degrade
-from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights, pk_pair_count, total_loss
+from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import AE_NAMES, EMBEDDINGS, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
+from trainstep import LossRead, TrainStep, apply_gradients, batch_losses, guard_updates, rewind_schedule
 from utils import (
     CHECKPOINT_FILE,
     LOG,
@@ -249,8 +249,8 @@ def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBa
     if list(balancer.parameters()):
         groups.append({"params": list(balancer.parameters()), "lr": args.lr_balance, "name": "lr_balance",
                        "weight_decay": 0.0})
-    # The fused kernel updates every parameter in one launch on CUDA; the arithmetic is Adam's all the same.
-    return torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=encoder[0].is_cuda)
+    # The fused kernel updates every parameter in one launch (on the CPU too) and can skip a non-finite update.
+    return guard_updates(torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=True))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestones: Sequence[float]) -> float:
@@ -261,101 +261,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, mi
     if scheduler == "cosine":
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return 0.1 ** sum(step >= m * total_steps for m in milestones)
-
-
-def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
-    """The KL's β at a step: linear from 0 at step 0 to `beta` at `warmup_steps`, then `beta`."""
-    return beta if step >= warmup_steps else beta * step / warmup_steps
-
-
-def view_seed(seed: int, rank: int, step: int) -> int:
-    """The degradation generator's seed at a step: a function of the run's seed, the rank and the step alone, so
-    a resumed run degrades its batches as an uninterrupted one would."""
-    return (seed * 1_000_003 + rank) * 1_000_003 + step
-
-
-class TrainStep(nn.Module):
-    """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use.
-
-    The loop sets `step` before each batch: it fixes the KL's β (--kl-warmup, --beta) and the degraded views'
-    draws (--degraded-views, --degrade-prob)."""
-
-    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
-                 steps_per_epoch: int = 1):
-        super().__init__()
-        self.model, self.weights, self.balancer = model, weights, balancer
-        self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
-                        "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
-        self.batch_k = args.batch_k
-        self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
-        self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
-        self.step = 0
-
-    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The model's inputs: with --degraded-views the degraded batch, which every loss sees, and the clean one,
-        which only the reconstruction target is made from (a model without one ignores it: plain augmentation);
-        else the batch alone."""
-        if not self.degraded_views:
-            return (images,)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        generator = torch.Generator(device=images.device).manual_seed(view_seed(self.seed, rank, self.step))
-        return degrade(images, generator, self.degrade_prob), images
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = self.model(*self.views(images))
-        kl_scale = kl_beta(self.step, self.kl_warmup_steps, self.beta)
-        # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
-        total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options,
-                                  pair_count=pk_pair_count(len(labels), self.batch_k))
-        if self.balancer.mode != "fixed":
-            scaled = "kl" in terms and kl_scale != 1.0  # the balancer weighs the KL as warmed up
-            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if scaled else terms)
-        return total, terms
-
-
-def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over the processes of a distributed run (itself in a single process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
-
-
-def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 use_amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch to the device and through the model and losses (bf16 autocast, channels_last with AMP)."""
-    images = images.to(device, non_blocking=True)
-    if use_amp:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        return step_module(images, labels)
-
-
-def read_losses(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The total ('loss') and every term as Python floats, read in one device sync: the step's only one, after the
-    forward pass, so the backward pass and the optimiser's step stay queued while the next batch is fetched."""
-    values = torch.stack([value.detach().float() for value in (total, *terms.values())]).tolist()
-    return dict(zip(("loss", *terms), values, strict=True))
-
-
-def non_finite(values: dict[str, float]) -> list[str]:
-    """Names of the values that are NaN or infinite."""
-    return [name for name, value in values.items() if not math.isfinite(value)]
-
-
-def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
-                    optimizer: torch.optim.Optimizer, scheduler, shared: torch.Tensor) -> None:
-    """Backward, GradNorm's weight gradient when balancing so, the optimiser and schedule steps."""
-    optimizer.zero_grad(set_to_none=True)
-    balance_grad = balancer.gradnorm_grad(terms, shared, average_over_ranks) if balancer.mode == "gradnorm" else None
-    total.backward()
-    if balance_grad is not None:
-        balancer.weights.grad = balance_grad
-    optimizer.step()
-    balancer.renormalise_()
-    scheduler.step()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -629,28 +534,54 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     batch_index = run.steps_per_epoch - len(run.sampler)
     bar = tqdm(run.loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=args.quiet or not run.writer,
                initial=batch_index, total=run.steps_per_epoch, leave=False)
+    previous: LossRead | None = None
     for images, labels, _, _ in bar:
         run.train_step.step = run.step
         total, terms = batch_losses(run.step_module, images, labels, run.device, run.use_amp)
-        values = read_losses(total, terms)
-        if bad := non_finite(values):
-            run.save_checkpoint(epoch, batch_index)
-            name = next((n for n in bad if n != "loss"), "loss")
-            raise UserError(f"non-finite loss at epoch {epoch}, step {run.step} (batch {batch_index}): term "
-                            f"'{name}' = {values[name]}; the last good state is in {run.checkpoint_path}")
-        apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared)
+        read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared)
+        read.step, read.batch, read.images = run.step, batch_index, images.shape[0]
         run.step, batch_index, run.images_seen = run.step + 1, batch_index + 1, run.images_seen + images.shape[0]
-        for name, value in values.items():
-            run.meters[name].update(value, images.shape[0])
+        settle(run, previous, epoch)  # the step before: finished on the device while this one was queued
+        previous = read
         bar.set_postfix(loss=f"{run.meters['loss'].mean:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
-        if stop.requested or (args.max_steps is not None and run.step >= args.max_steps):
+        stopping = stop.requested or (args.max_steps is not None and run.step >= args.max_steps)
+        if stopping or (args.checkpoint_every and run.step % args.checkpoint_every == 0
+                        and batch_index < run.steps_per_epoch):
+            settle(run, previous, epoch)
+            previous = None
             run.save_checkpoint(epoch, batch_index)
+        if stopping:
             LOG.info("stopped at step %d (epoch %d, batch %d); --resume continues", run.step, epoch, batch_index)
             return True
-        if args.checkpoint_every and run.step % args.checkpoint_every == 0 and batch_index < run.steps_per_epoch:
-            run.save_checkpoint(epoch, batch_index)
+    settle(run, previous, epoch)
     bar.close()
     return False
+
+
+def non_finite_what(values: dict[str, float], epoch: int, read: LossRead) -> str:
+    """What was not finite at a skipped step: the first non-finite term (or the total), else the gradient."""
+    where = f"at epoch {epoch}, step {read.step} (batch {read.batch})"
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
+        return f"gradient {where} with finite losses"
+    name = next((n for n in bad if n != "loss"), "loss")
+    return f"loss {where}: term '{name}' = {values[name]}"
+
+
+def settle(run: Run, read: LossRead | None, epoch: int) -> None:
+    """A queued step's loss values into the epoch's meters; if its update was skipped (a non-finite loss or
+    gradient), checkpoint the last good state, which the skip kept, and stop the run naming the step and term."""
+    if read is None:
+        return
+    values, skipped = read.result()
+    if skipped:
+        run.step = read.step
+        rewind_schedule(run.scheduler, read.step)
+        run.save_checkpoint(epoch, read.batch)
+        raise UserError(f"non-finite {non_finite_what(values, epoch, read)}; the update was skipped and the last "
+                        f"good state is in {run.checkpoint_path}")
+    for name, value in values.items():
+        run.meters[name].update(value, read.images)
 
 
 def end_epoch(run: Run, epoch: int) -> None:

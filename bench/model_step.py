@@ -10,11 +10,11 @@ Each backbone × autoencoder gets one preloaded random batch (--batch images, P 
 three steps that take turns, so a shared machine's drift falls on all of them alike; each reports the median
 of --steps timed steps after --warmup untimed ones (synchronised on CUDA):
   bare    the backbone alone (the very module ReIDModel holds, so same weights, last stride and memory
-          format) → mean square of its pooled feature → backward → Adam (train.py's settings) over it
+          format) → mean square of its pooled feature → backward → Adam (train.py's settings, fused) over it
   ours    train.py's step through its own functions: batch_losses (TrainStep: ReIDModel and every loss term,
           triplet, id, kl, reconstruction, sparsity and bce, weighted as train.py's defaults, sparsity 1e-3; a
-          term the autoencoder has nothing for is skipped, as in training) → read_losses and the finite
-          check on its values → apply_gradients (backward, Adam, schedule)
+          term the autoencoder has nothing for is skipped, as in training) → apply_gradients (backward, the
+          finite check on the losses and gradients, fused Adam, schedule) → the losses' read
   heads   what ours adds beyond the backbone: the same step with the backbone replaced by the identity and a
           preloaded feature as input (autoencoder, classifier, Siamese head, pair mining, losses, their Adam)
 The ratio is ours over bare; the target is at most 1.10. On CUDA (unless --no-amp) every step runs as train.py
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from model import ReIDModel  # noqa: E402
+from trainstep import TrainStep, apply_gradients, batch_losses  # noqa: E402
 from utils import resolve_device, run_script, seed_everything, write_json  # noqa: E402
 
 # The member of each family a CPU can step through in minutes; the seed's members need a GPU.
@@ -117,17 +118,18 @@ def bare_step(backbone: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     return step
 
 
-def our_step(step_module: train.TrainStep, optimizer: torch.optim.Optimizer, shared: torch.Tensor,
+def our_step(step_module: TrainStep, optimizer: torch.optim.Optimizer, shared: torch.Tensor,
              forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Callable[[], None]:
-    """train.py's loop body after `forward` (its batch_losses, or the like): the meters' read and the finite check
-    on it, apply_gradients (backward, Adam, a constant schedule); checkpoints and progress bar aside."""
+    """train.py's loop body after `forward` (its batch_losses, or the like): apply_gradients (backward, the finite
+    check, Adam, a constant schedule) and the read of the losses (at once here, as each step is timed to its end;
+    train.py reads them a step later); checkpoints and progress bar aside."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     def step() -> None:
         total, terms = forward()
-        if bad := train.non_finite(train.read_losses(total, terms)):
-            raise RuntimeError(f"non-finite loss terms {bad} (a random batch should not give any)")
-        train.apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared)
+        values, skipped = apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared).result()
+        if skipped:
+            raise RuntimeError(f"non-finite loss or gradient {values} (a random batch should not give any)")
 
     return step
 
@@ -195,16 +197,17 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
     labels = torch.arange(args.batch // args.k, device=device).repeat_interleave(args.k)
     weights = train.loss_weights(targs)
 
-    def build(step_model: ReIDModel) -> tuple[train.TrainStep, torch.optim.Optimizer]:
+    def build(step_model: ReIDModel) -> tuple[TrainStep, torch.optim.Optimizer]:
         balancer = train.build_balancer(targs, weights).to(device)
-        return train.TrainStep(step_model, weights, balancer, targs), train.build_optimizer(step_model, targs, balancer)
+        return TrainStep(step_model, weights, balancer, targs), train.build_optimizer(step_model, targs, balancer)
 
     ours_module, ours_optimizer = build(model)
     shared = train.shared_layer(model)
-    backbone_optimizer = torch.optim.Adam(model.backbone.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
+    backbone_optimizer = torch.optim.Adam(model.backbone.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
+                                          fused=True)
     steps = {"bare": bare_step(model.backbone, backbone_optimizer, images, amp),
              "ours": our_step(ours_module, ours_optimizer, shared,
-                              lambda: train.batch_losses(ours_module, images, labels, device, amp))}
+                              lambda: batch_losses(ours_module, images, labels, device, amp))}
     heads = targs.recon_target == "feature"  # an image target needs the images, which the identity does not pass on
     if heads:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -9,9 +9,10 @@ Rows, each as images/s and ms a step over --steps timed steps after --warmup unt
 GPU machines); a row's figure is its median round, and ours/bare the median of the rounds' ratios (each round's
 bare time over ours), with their spread beside it:
   bare backbone    the reference: the backbone (same name and last stride as ours) with a linear layer to the
-                   identities, cross-entropy, backward and Adam, on one preloaded random P×K batch
+                   identities, cross-entropy, backward and Adam (fused, as ours), on one preloaded random P×K batch
   ours, tensors    ReIDModel + train.py's TrainStep (every loss term the flags switch on) and train.py's step
-                   (the meters' read and finite check, backward, Adam, schedule), on the same preloaded batch
+                   (backward, the finite check, Adam, schedule, all queued; the losses read a step late, as
+                   train.py reads them), on the same preloaded batch
   ours, pipeline   the same step fed by train.py's loader (--loader, default tensor: the set decoded once, each
                    batch augmented at once; pil: JPEG decoding and the transforms in --workers processes), from a
                    synthetic Market-format set at Market's own 128×64 (generated into a temporary folder unless
@@ -46,14 +47,15 @@ from datasets import PKSampler, load_train_records  # noqa: E402
 from decoded import DecodedTrainLoader, training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
 from synthetic import SyntheticConfig  # noqa: E402
+from trainstep import LossRead, TrainStep, apply_gradients, batch_losses  # noqa: E402
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
 
-# Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's keep the run to
-# about three minutes on 2 cores in short rounds: one step's time varies by ±15 % on an idle machine, and two long
-# rounds left a 7 % gap that a split of the step (bench/model_step.py) does not show; CUDA's set has Market's 751
-# identities, so epochs are as long (about 190 batches) and the loader's refill at each epoch's start weighs as
-# little as in real training.
-DEVICE_DEFAULTS = {"cpu": ((128, 64), 3, 1, 5, 100), "cuda": ((256, 128), 50, 10, 3, 751)}
+# Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's are short
+# rounds, many of them (about six minutes on 2 idle cores): one step's time varies by ±10 % on an idle machine,
+# so 5 rounds left the ratio's median ±0.06 from round to round, and 12 settle it to about ±0.01; CUDA's set has
+# Market's 751 identities, so epochs are as long (about 190 batches) and the loader's refill at each epoch's start
+# weighs as little as in real training.
+DEVICE_DEFAULTS = {"cpu": ((128, 64), 3, 1, 12, 100), "cuda": ((256, 128), 50, 10, 3, 751)}
 TARGET_RATIO = 0.95
 
 
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     add("--steps", type=int, help="timed steps a row a round (default 3 on CPU, 50 on CUDA)")
     add("--warmup", type=int, help="untimed steps before each row a round (default 1 on CPU, 10 on CUDA)")
     add("--rounds", type=int, help="rounds of all rows, interleaved; each row's figure is its median round "
-        "(default 5 on CPU, 3 on CUDA)")
+        "(default 12 on CPU, 3 on CUDA)")
     add("--workers", type=int, default=train.build_parser().get_default("workers"),
         help="data-loading processes (default: train.py's, the cores up to 8)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -136,7 +138,7 @@ def bare_backbone_step(args, train_args, num_classes: int, images: torch.Tensor,
     net = nn.Sequential(backbone, nn.Linear(dim, num_classes)).to(
         args.device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
     net.train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay)
+    optimizer = torch.optim.Adam(net.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay, fused=True)
 
     def step() -> None:
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -163,16 +165,19 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     optimizer = train.build_optimizer(model, train_args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
         s, 10**6, 0, train_args.scheduler, train_args.milestones))
-    step_module = train.build_step_module(train.TrainStep(model, weights, balancer, train_args), train_args, 1, device)
+    step_module = train.build_step_module(TrainStep(model, weights, balancer, train_args), train_args, 1, device)
     shared = train.shared_layer(model)
+    queued: list[LossRead] = []
 
     def step() -> None:
         images, labels = batches()
-        total, terms = train.batch_losses(step_module, images, labels, device, use_amp)
-        values = train.read_losses(total, terms)  # the meters' read, and the finite check's
-        if train.non_finite(values):
-            raise UserError(f"non-finite loss in the benchmark: {values}")
-        train.apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
+        total, terms = batch_losses(step_module, images, labels, device, use_amp)
+        read = apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
+        if queued:  # the step before, read as train.py reads it: one step late, with no wait
+            values, skipped = queued.pop().result()
+            if skipped:
+                raise UserError(f"non-finite loss or gradient in the benchmark: {values}")
+        queued.append(read)
         active.update(terms)
 
     return step

@@ -16,6 +16,7 @@ import torch
 
 import prepare
 import train
+import trainstep
 from conftest import ROOT
 from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
 from model import ReIDModel, build_trained
@@ -187,23 +188,106 @@ def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable
         train.main(["--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
 
 
-def test_non_finite_loss_stops_with_the_term_after_saving(learnable: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def poison_step(monkeypatch: pytest.MonkeyPatch, call: int, poison) -> None:
+    """Make total_loss's `call`-th call (counting from 1) return `poison(total, terms)` instead."""
     calls = {"n": 0}
-    real = train.total_loss
+    real = trainstep.total_loss
 
     def poisoned(*args, **kwargs):
         total, terms = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
-            terms["kl"] = terms["kl"] * float("nan")
-            total = total + terms["kl"]
-        return total, terms
+        return poison(total, terms) if calls["n"] == call else (total, terms)
 
-    monkeypatch.setattr(train, "total_loss", poisoned)
-    with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): term 'kl' = nan"):
+    monkeypatch.setattr(trainstep, "total_loss", poisoned)
+
+
+def nan_kl(total: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+    """A NaN KL term, in the total too."""
+    terms = {**terms, "kl": terms["kl"] * float("nan")}
+    return total + terms["kl"], terms
+
+
+def nan_gradient(total: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+    """A total of unchanged value whose gradient is NaN: √(0·kl) is 0, its derivative ∞ · 0."""
+    return total + (terms["kl"] * 0).sqrt(), terms
+
+
+@pytest.mark.parametrize(("poison", "message"), [
+    (nan_kl, r"non-finite loss at epoch 1, step 2 \(batch 2\): term 'kl' = nan; the update was skipped"),
+    (nan_gradient, r"non-finite gradient at epoch 1, step 2 \(batch 2\) with finite losses; the update was skipped")])
+def test_a_non_finite_step_stops_the_run_with_the_last_good_state_saved(poison, message: str, learnable: Path,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """The bad step is read a step late, but its update and the next were skipped on the device: the checkpoint
+    holds the weights, Adam state and schedule of a run stopped cleanly before it (batch norm's running
+    statistics aside, which the forward passes move)."""
+    good = tmp_path / "good"
+    train.main(["--data", str(learnable), "--result-dir", str(good), "--epochs", "1", "--max-steps", "2", *TINY])
+    poison_step(monkeypatch, 3, poison)
+    with pytest.raises(UserError, match=message):
         train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
-    assert load_torch(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+    saved, expected = load_torch(tmp_path / "r" / "checkpoint.pt"), load_torch(good / "checkpoint.pt")
+    assert (saved["step"], saved["batch"], saved["meters"]) == (2, 2, expected["meters"])
+    parameters = [name for name, value in expected["model"].items() if value.is_floating_point()
+                  and "running_" not in name]
+    for name in parameters:
+        assert torch.equal(saved["model"][name], expected["model"][name]), name
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        for index, state in expected["optimizer"]["state"].items():
+            assert torch.equal(saved["optimizer"]["state"][index][key], state[key]), (index, key)
+    assert saved["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"] == 2
+    assert saved["scheduler"]["_last_lr"] == expected["scheduler"]["_last_lr"]
+
+
+def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
+    """apply_gradients on a NaN loss: no parameter or moment moves, and a finite step after it is skipped too."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = trainstep.guard_updates(torch.optim.Adam([weight], lr=0.1, fused=True))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    balancer = train.build_balancer(train.parse_args([]), train.loss_weights(train.parse_args([])))
+    first = trainstep.apply_gradients(weight.sum(), {"id": weight.sum()}, balancer, optimizer, scheduler, weight)
+    assert first.result() == ({"loss": 3.0, "id": 3.0}, False)
+    moved = weight.detach().clone()
+    assert torch.allclose(moved, torch.full((3,), 0.9))
+    for total in (weight.sum() * float("nan"), weight.sum()):
+        read = trainstep.apply_gradients(total, {"id": total}, balancer, optimizer, scheduler, weight)
+        assert read.result()[1]
+        assert torch.equal(weight.detach(), moved)
+        assert optimizer.state[weight]["step"].item() == 1.0
+    with pytest.raises(ValueError, match="fused"):
+        trainstep.guard_updates(torch.optim.Adam([weight]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_step_on_a_gpu_queues_without_a_sync():
+    """train.py's step as it runs with --amp (forward with degraded views and every loss, backward, the finite check,
+    fused Adam, the losses' copy to the host): nothing in it waits for the GPU; the read a step later may."""
+    device = torch.device("cuda")
+    args = train.parse_args(["--backbone-name", "resnet18", "--latent-dim", "32", "--img-size", "64", "32",
+                             "--batch-p", "4", "--batch-k", "2", "--amp", "--device", "cuda"])
+    model = ReIDModel("resnet18", args.ae_name, 4, latent_dim=32, img_size=(64, 32)).to(
+        device, memory_format=torch.channels_last)
+    weights = train.loss_weights(args)
+    balancer = train.build_balancer(args, weights).to(device)
+    optimizer = train.build_optimizer(model, args, balancer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    module = trainstep.TrainStep(model, weights, balancer, args)
+    images, labels = torch.randn(8, 3, 64, 32, device=device), torch.arange(4, device=device).repeat_interleave(2)
+
+    def step(index: int) -> trainstep.LossRead:
+        module.step = index
+        total, terms = trainstep.batch_losses(module, images, labels, device, True)
+        return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model))
+
+    reads = [step(0)]  # Adam's state and the constants made
+    torch.cuda.synchronize()
+    for index in (1, 2):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            reads.append(step(index))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [read.result()[1] for read in reads] == [False] * 3
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -252,8 +336,8 @@ def test_sparsity_mode_flag_picks_the_penalty():
     expected = {"kl": sparsity_kl(code, 0.05), "l1": sparsity_l1(code)}
     for mode in ("kl", "l1"):
         args = train.parse_args(["--ae-name", "sae", "--sparsity-mode", mode, "--no-degraded-views"])
-        step = train.TrainStep(model, train.loss_weights(args), train.build_balancer(args, train.loss_weights(args)),
-                               args)
+        weights = train.loss_weights(args)
+        step = trainstep.TrainStep(model, weights, train.build_balancer(args, weights), args)
         _, terms = step(images, labels)
         assert terms["sparsity"].item() == pytest.approx(expected[mode].item(), rel=1e-5), mode
 
@@ -300,13 +384,13 @@ def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Pat
 # Degraded views and the VAE's choices (issue 13)
 # ---------------------------------------------------------------------------------------------------------
 
-def tiny_step(flags: list[str], seed: int = 0) -> train.TrainStep:
+def tiny_step(flags: list[str], seed: int = 0) -> trainstep.TrainStep:
     """A TrainStep over a resnet18 at 32×16 with four identities, built from train.py's flags."""
     args = train.parse_args(["--latent-dim", "16", "--batch-p", "4", "--batch-k", "2", *flags])
     torch.manual_seed(seed)
     model = ReIDModel("resnet18", args.ae_name, 4, latent_dim=16, img_size=(32, 16), embedding=args.embedding)
     weights = train.loss_weights(args)
-    return train.TrainStep(model, weights, train.build_balancer(args, weights), args, steps_per_epoch=4)
+    return trainstep.TrainStep(model, weights, train.build_balancer(args, weights), args, steps_per_epoch=4)
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +398,7 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 32, 16, generator=generator), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 
 
-def encoder_input(step: train.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def encoder_input(step: trainstep.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """What the autoencoder's encoder read during one step."""
     seen = []
     handle = step.model.ae.encoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
@@ -353,7 +437,7 @@ def test_no_gradient_reaches_the_clean_view_through_the_reconstruction():
     assert degraded.grad is not None and degraded.grad.abs().sum() > 0
 
 
-def gradients_of(step: train.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def gradients_of(step: trainstep.TrainStep, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(7)  # the VAE's sample and the negative pairs' draw
     total, _ = step(images, labels)
     total.backward()
@@ -391,11 +475,11 @@ def test_degraded_views_with_nothing_degraded_give_the_same_losses_and_gradients
 
 
 def test_kl_warm_up_ramps_beta_from_zero():
-    assert train.kl_beta(0, 10, 0.5) == 0.0
-    assert train.kl_beta(5, 10, 0.5) == pytest.approx(0.25)
-    assert train.kl_beta(10, 10, 0.5) == 0.5
-    assert train.kl_beta(40, 10, 0.5) == 0.5
-    assert train.kl_beta(0, 0, 2.0) == 2.0
+    assert trainstep.kl_beta(0, 10, 0.5) == 0.0
+    assert trainstep.kl_beta(5, 10, 0.5) == pytest.approx(0.25)
+    assert trainstep.kl_beta(10, 10, 0.5) == 0.5
+    assert trainstep.kl_beta(40, 10, 0.5) == 0.5
+    assert trainstep.kl_beta(0, 0, 2.0) == 2.0
     step = tiny_step(["--ae-name", "vae", "--kl", "0.1", "--kl-warmup", "2", "--beta", "4"])  # 8 warm-up steps
     images, labels = batch()
     for at, beta in ((0, 0.0), (2, 1.0), (8, 4.0)):

@@ -1,0 +1,171 @@
+"""The training step: forward and losses in one module, and an update queued on the device without a sync.
+
+A step's loss values travel to the host while the device works on and are read one step later; an update whose
+loss or gradients are not finite is skipped on the device (fused Adam's found_inf flag) and stays skipped until
+that read stops the run, so the parameters it leaves are the last good ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from degradations import degrade
+from losses import LossBalancer, LossWeights, pk_pair_count, total_loss
+from model import ReIDModel
+
+
+def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
+    """The KL's β at a step: linear from 0 at step 0 to `beta` at `warmup_steps`, then `beta`."""
+    return beta if step >= warmup_steps else beta * step / warmup_steps
+
+
+def view_seed(seed: int, rank: int, step: int) -> int:
+    """The degradation generator's seed at a step: a function of the run's seed, the rank and the step alone, so
+    a resumed run degrades its batches as an uninterrupted one would."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + step
+
+
+class TrainStep(nn.Module):
+    """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use.
+
+    The loop sets `step` before each batch: it fixes the KL's β (--kl-warmup, --beta) and the degraded views'
+    draws (--degraded-views, --degrade-prob)."""
+
+    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
+                 steps_per_epoch: int = 1):
+        super().__init__()
+        self.model, self.weights, self.balancer = model, weights, balancer
+        self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
+                        "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
+        self.batch_k = args.batch_k
+        self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
+        self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
+        self.step = 0
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The model's inputs: with --degraded-views the degraded batch, which every loss sees, and the clean one,
+        which only the reconstruction target is made from (a model without one ignores it: plain augmentation);
+        else the batch alone."""
+        if not self.degraded_views:
+            return (images,)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        generator = torch.Generator(device=images.device).manual_seed(view_seed(self.seed, rank, self.step))
+        return degrade(images, generator, self.degrade_prob), images
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = self.model(*self.views(images))
+        kl_scale = kl_beta(self.step, self.kl_warmup_steps, self.beta)
+        # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
+        total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options,
+                                  pair_count=pk_pair_count(len(labels), self.batch_k))
+        if self.balancer.mode != "fixed":
+            scaled = "kl" in terms and kl_scale != 1.0  # the balancer weighs the KL as warmed up
+            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if scaled else terms)
+        return total, terms
+
+
+
+
+def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the processes of a distributed run (itself in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
+
+
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """A 0/1 flag's maximum over the processes of a distributed run (itself in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 use_amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch to the device and through the model and losses (bf16 autocast, channels_last with AMP)."""
+    images = images.to(device, non_blocking=True)
+    if use_amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return step_module(images, labels)
+
+
+def guard_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Arm a fused Adam to skip its update on the device while its flag is set (GradScaler's found_inf protocol);
+    apply_gradients sets the flag."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("skipping a non-finite update on the device needs a fused optimiser (fused=True)")
+    device = optimizer.param_groups[0]["params"][0].device
+    optimizer.grad_scale, optimizer.found_inf = None, torch.zeros((), device=device)
+    return optimizer
+
+
+def flag_non_finite(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None:
+    """Set the optimiser's skip flag when a loss value or a gradient is not finite, on any rank; once set it stays
+    set, so no later update lands on top of a skipped one."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    finite = torch.isfinite(values).all() & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    torch.maximum(optimizer.found_inf, any_rank((~finite).float()), out=optimizer.found_inf)
+
+
+@dataclass
+class LossRead:
+    """One step's loss values and skip flag on their way to the host, and where the step stood in its epoch."""
+
+    names: tuple[str, ...]
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+    step: int = 0
+    batch: int = 0
+    images: int = 0
+
+    def result(self) -> tuple[dict[str, float], bool]:
+        """The values by name ('loss' and each term), and whether the step's update was skipped; waits only for
+        this step's forward and backward passes, long finished when read a step later."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        *values, skipped = self.host.tolist()
+        return dict(zip(self.names, values, strict=True)), skipped > 0
+
+
+def queue_read(names: tuple[str, ...], values: torch.Tensor) -> LossRead:
+    """Start copying a step's values to the host: into pinned memory without waiting on CUDA, at once elsewhere."""
+    if values.device.type != "cuda":
+        return LossRead(names, values, None)
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return LossRead(names, host, ready)
+
+
+def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
+                    optimizer: torch.optim.Optimizer, scheduler, shared: torch.Tensor) -> LossRead:
+    """Backward, GradNorm's weight gradient when balancing so, the finite check, the optimiser and schedule steps,
+    all queued without a device sync; the step's values come back as a LossRead (optimizer from guard_updates)."""
+    optimizer.zero_grad(set_to_none=True)
+    balance_grad = balancer.gradnorm_grad(terms, shared, average_over_ranks) if balancer.mode == "gradnorm" else None
+    total.backward()
+    if balance_grad is not None:
+        balancer.weights.grad = balance_grad
+    values = torch.stack([value.detach().float() for value in (total, *terms.values())])
+    flag_non_finite(optimizer, values)
+    read = queue_read(("loss", *terms), torch.cat([values, optimizer.found_inf[None]]))
+    optimizer.step()
+    balancer.renormalise_()
+    scheduler.step()
+    return read
+
+
+def rewind_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Set the schedule (and the optimiser's learning rates) back to where it stood before `step`'s update."""
+    scheduler.last_epoch = step - 1
+    scheduler.step()
