@@ -51,8 +51,8 @@ from trainstep import LossRead, TrainStep, apply_gradients, batch_losses  # noqa
 from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
 
 # Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's are short
-# rounds, many of them (about six minutes on 2 idle cores): one step's time varies by ±10 % on an idle machine,
-# so 5 rounds left the ratio's median ±0.06 from round to round, and 12 settle it to about ±0.01; CUDA's set has
+# rounds, many of them (about seven minutes on 2 idle cores): one step's time varies by ±10 % on an idle machine,
+# so 5 rounds left the ratios' median uncertain by ±0.03 and 12 bring that to ±0.01–0.03; CUDA's set has
 # Market's 751 identities, so epochs are as long (about 190 batches) and the loader's refill at each epoch's start
 # weighs as little as in real training.
 DEVICE_DEFAULTS = {"cpu": ((128, 64), 3, 1, 12, 100), "cuda": ((256, 128), 50, 10, 3, 751)}

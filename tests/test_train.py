@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -363,6 +364,43 @@ def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+POISON_RANK_ONE = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import trainstep
+real, calls = trainstep.total_loss, [0]
+
+def poisoned(*args, **kwargs):
+    total, terms = real(*args, **kwargs)
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:
+        terms = {{**terms, "kl": terms["kl"] * float("nan")}}
+        total = total + terms["kl"]
+    return total, terms
+
+trainstep.total_loss = poisoned
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(learnable: Path, tmp_path: Path):
+    """Rank 1's loss turns NaN at step 2: the skip flag is shared, so both ranks skip it and stop there, rank 1
+    naming the term, rank 0 the gradient, with no rank left waiting in a collective."""
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(POISON_RANK_ONE.format(root=str(ROOT), train=str(ROOT / "train.py")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
+         "--data", str(learnable), "--result-dir", str(tmp_path / "ddp"), "--epochs", "1", "--device", "cpu", *TINY],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    where = r"at epoch 1, step 2 \(batch 2\)"
+    assert re.search(rf"error: non-finite loss {where}: term 'kl' = nan; the update was skipped", result.stderr)
+    assert re.search(rf"error: non-finite gradient {where} with finite losses; the update was skipped", result.stderr)
+    assert load_torch(tmp_path / "ddp" / "checkpoint.pt")["step"] == 2
 
 
 def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Path, tmp_path: Path):
