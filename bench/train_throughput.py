@@ -15,7 +15,7 @@ bare time over ours), with their spread beside it:
                    train.py reads them), on the same preloaded batch
   ours, pipeline   the same step fed by train.py's loader (--loader, default tensor: the set decoded once, each
                    batch augmented at once; pil: JPEG decoding and the transforms in --workers processes), from a
-                   synthetic Market-format set at Market's own 128×64 (generated into a temporary folder unless
+                   synthetic Market-format set at Market's own 128×64 (generated once into data/, then reused, unless
                    --data names a prepared root)
   loader alone     that loader's batches with no model: how fast data loading can go
 The ratios are ours over the bare backbone's images/s; the target is 0.95 for "ours, pipeline" on this project's
@@ -30,7 +30,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +56,7 @@ from utils import UserError, resolve_device, run_script, seed_everything  # noqa
 # weighs as little as in real training.
 DEVICE_DEFAULTS = {"cpu": ((128, 64), 3, 1, 12, 100), "cuda": ((256, 128), 50, 10, 3, 751)}
 TARGET_RATIO = 0.95
+BENCH_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         help="data-loading processes (default: train.py's, the cores up to 8)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="on CUDA, float32 instead of train.py --amp's bf16 and channels_last")
-    add("--data", type=Path, help="a prepared root to load from (default: a synthetic set in a temporary folder)")
+    add("--data", type=Path, help="a prepared root to load from (default: a synthetic set, generated once into "
+        "data/bench-train<ids>-seed<seed>/ and reused)")
     add("--train-ids", type=int, help="identities of that synthetic set (default 100 on CPU, 751 on CUDA)")
     add("--seed", type=int, default=0)
     add("--json", type=Path, help="also write the figures to this file")
@@ -207,41 +208,41 @@ def measure(args, train_args) -> dict:
     """Every row's seconds a round (the rows interleaved, each round in a rotated order), on one device, in one run."""
     seed_everything(args.seed)
     use_amp = train_args.amp and args.device.type == "cuda"
-    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
-        prepared = args.data or synthetic_prepared(Path(tmp), args.train_ids, args.seed)
-        records, num_classes = load_train_records(prepared)
-        print(f"  training set: {len(records)} images of {num_classes} identities", flush=True)
-        p, k = args.batch
-        images = torch.randn(p * k, 3, *args.img_size, device=args.device)
-        if use_amp:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.arange(p, device=args.device).repeat_interleave(k)
-        sampler = PKSampler([r.label for r in records], p, k, seed=args.seed)
-        active: set[str] = set()
-        source: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
-        ours = our_step(args, train_args, num_classes, lambda: source["batch"](), use_amp, active)
-        steps = {"bare backbone": bare_backbone_step(args, train_args, num_classes, images, labels, use_amp),
-                 "ours, tensors": ours, "ours, pipeline": ours, "loader alone": lambda: source["batch"]()}
-        rows: dict[str, list[float]] = {name: [] for name in steps}
+    prepared = args.data or synthetic_prepared(BENCH_DATA / f"bench-train{args.train_ids}-seed{args.seed}",
+                                               args.train_ids, args.seed)
+    records, num_classes = load_train_records(prepared)
+    print(f"  training set: {len(records)} images of {num_classes} identities", flush=True)
+    p, k = args.batch
+    images = torch.randn(p * k, 3, *args.img_size, device=args.device)
+    if use_amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(p, device=args.device).repeat_interleave(k)
+    sampler = PKSampler([r.label for r in records], p, k, seed=args.seed)
+    active: set[str] = set()
+    source: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+    ours = our_step(args, train_args, num_classes, lambda: source["batch"](), use_amp, active)
+    steps = {"bare backbone": bare_backbone_step(args, train_args, num_classes, images, labels, use_amp),
+             "ours, tensors": ours, "ours, pipeline": ours, "loader alone": lambda: source["batch"]()}
+    rows: dict[str, list[float]] = {name: [] for name in steps}
 
-        def fresh_loader():
-            return training_loader(train_args.loader, records, sampler, args.img_size, train_args.erasing,
-                                   train_args.lighting, args.workers, args.device, progress=False)
+    def fresh_loader():
+        return training_loader(train_args.loader, records, sampler, args.img_size, train_args.erasing,
+                               train_args.lighting, args.workers, args.device, progress=False)
 
-        # The decoded set is decoded once and its loader reused (it prefetches nothing); the PIL loader's worker
-        # processes are made afresh for each row, so no batches are prefetched while other rows run.
-        first = fresh_loader()
-        decoded_loader = first if isinstance(first, DecodedTrainLoader) else None
-        for round_ in range(args.rounds):
-            for name in rotated(list(steps), round_):
-                loader = (decoded_loader or fresh_loader()) if name in ("ours, pipeline", "loader alone") else None
-                stream = endless(loader, sampler) if loader is not None else None
-                source["batch"] = (lambda s=stream: next(s)) if stream else (lambda: (images, labels))
-                rows[name].append(timed(steps[name], args.warmup, args.steps, args.device))
-                if stream:
-                    stream.close()
-                print(f"  round {round_ + 1}: {name:<15} {rows[name][-1] / args.steps * 1e3:9.1f} ms a step",
-                      flush=True)
+    # The decoded set is decoded once and its loader reused (it prefetches nothing); the PIL loader's worker
+    # processes are made afresh for each row, so no batches are prefetched while other rows run.
+    first = fresh_loader()
+    decoded_loader = first if isinstance(first, DecodedTrainLoader) else None
+    for round_ in range(args.rounds):
+        for name in rotated(list(steps), round_):
+            loader = (decoded_loader or fresh_loader()) if name in ("ours, pipeline", "loader alone") else None
+            stream = endless(loader, sampler) if loader is not None else None
+            source["batch"] = (lambda s=stream: next(s)) if stream else (lambda: (images, labels))
+            rows[name].append(timed(steps[name], args.warmup, args.steps, args.device))
+            if stream:
+                stream.close()
+            print(f"  round {round_ + 1}: {name:<15} {rows[name][-1] / args.steps * 1e3:9.1f} ms a step",
+                  flush=True)
     return {
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "backbone": train_args.backbone_name, "ae": train_args.ae_name,
