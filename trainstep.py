@@ -112,7 +112,8 @@ def flag_non_finite(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> N
     """Set the optimiser's skip flag when a loss value or a gradient is not finite, on any rank; once set it stays
     set, so no later update lands on top of a skipped one."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    finite = torch.isfinite(values).all() & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    norms = torch._foreach_norm(grads)  # one kernel for all (clip_grad_norm_'s), a norm is finite iff its tensor is
+    finite = torch.isfinite(values).all() & torch.isfinite(torch.stack(norms)).all()
     torch.maximum(optimizer.found_inf, any_rank((~finite).float()), out=optimizer.found_inf)
 
 
