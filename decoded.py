@@ -220,12 +220,19 @@ def jitter_lighting(images: torch.Tensor, factors: torch.Tensor, order: Sequence
     return images
 
 
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by a draw from the host's `generator`: reproducible as it is, and on a GPU the
+    noise it draws is made there, with no host work or copy."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
+
+
 def erase(images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each box filled with standard normal noise (RandomErasing's value='random'); the boxes are host values, so
-    the noise is drawn once for all of them and nothing waits on the device."""
+    """Each box filled with standard normal noise (RandomErasing's value='random'); the boxes are host values and
+    the noise for all of them is drawn at once on the images' device, so nothing waits on it."""
     erased = [(b, *box) for b, box in enumerate(boxes.tolist()) if box[2] > 0]
     sizes = [images.shape[1] * h * w for _, _, _, h, w in erased]
-    noise = to_device(torch.randn(sum(sizes), generator=generator), images.device)
+    noise = torch.randn(sum(sizes), generator=device_generator(generator, images.device), device=images.device)
     for (b, top, left, h, w), chunk in zip(erased, noise.split(sizes), strict=True):
         images[b, :, top:top + h, left:left + w] = chunk.view(-1, h, w)
     return images
