@@ -543,7 +543,8 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
         run.step, batch_index, run.images_seen = run.step + 1, batch_index + 1, run.images_seen + images.shape[0]
         settle(run, previous, epoch)  # the step before: finished on the device while this one was queued
         previous = read
-        bar.set_postfix(loss=f"{run.meters['loss'].mean:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+        if run.meters["loss"].count:  # the first step of an epoch is read with the second
+            bar.set_postfix(loss=f"{run.meters['loss'].mean:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
         stopping = stop.requested or (args.max_steps is not None and run.step >= args.max_steps)
         if stopping or (args.checkpoint_every and run.step % args.checkpoint_every == 0
                         and batch_index < run.steps_per_epoch):
