@@ -46,13 +46,12 @@ bench: $(STAMP)
 	$(PY) bench/image_check.py
 
 # On a CUDA machine: training images/s with bf16 autocast at 256×128, batch 16×4, for resnet50 with the tensor
-# loader, the PIL loader and --compile, and the seed's two reference backbones, and the model step of every
+# loader (and a --compile row in the same run), the PIL loader, and the seed's two reference backbones, and the model step of every
 # family's seed backbone; figures also in runs/bench/*.json. The first run generates the 751-identity synthetic
 # set into data/bench-train751-seed0/ (about two minutes); the others reuse it.
 bench-gpu: $(STAMP)
-	$(PY) bench/train_throughput.py --device cuda --json runs/bench/train_throughput_resnet50.json
+	$(PY) bench/train_throughput.py --device cuda --compile-row --json runs/bench/train_throughput_resnet50.json
 	$(PY) bench/train_throughput.py --device cuda --json runs/bench/train_throughput_resnet50_pil.json -- --loader pil
-	$(PY) bench/train_throughput.py --device cuda --json runs/bench/train_throughput_resnet50_compile.json -- --compile
 	$(PY) bench/train_throughput.py --device cuda --backbone resnet152 --json runs/bench/train_throughput_resnet152.json
 	$(PY) bench/train_throughput.py --device cuda --backbone swin_b --json runs/bench/train_throughput_swin_b.json
 	$(PY) bench/model_step.py --device cuda --seed-list --json runs/bench/model_step_cuda.json

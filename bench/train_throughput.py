@@ -18,6 +18,8 @@ bare time over ours), with their spread beside it:
                    synthetic Market-format set at Market's own 128×64 (generated once into data/, then reused, unless
                    --data names a prepared root)
   loader alone     that loader's batches with no model: how fast data loading can go
+  ours, compiled   with --compile-row: ours on the preloaded batch with train.py's --compile (its own model; the
+                   compilation happens in its first warm-up step), so compiled and eager meet in one run
 The ratios are ours over the bare backbone's images/s; the target is 0.95 for "ours, pipeline" on this project's
 2-core CPU machine. The step trains on clean batches (train.py's default degraded views add a second backbone
 pass, a modelling choice rather than overhead); train.py's flags go after `--`: `-- --loader pil`, `-- --compile`,
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     add("--data", type=Path, help="a prepared root to load from (default: a synthetic set, generated once into "
         "data/bench-train<ids>-seed<seed>/ and reused)")
     add("--train-ids", type=int, help="identities of that synthetic set (default 100 on CPU, 751 on CUDA)")
+    add("--compile-row", action="store_true",
+        help="add a row 'ours, compiled': the step on the preloaded batch with --compile, beside the eager rows")
     add("--seed", type=int, default=0)
     add("--json", type=Path, help="also write the figures to this file")
     args, rest = parser.parse_known_args(argv)
@@ -223,6 +227,9 @@ def measure(args, train_args) -> dict:
     ours = our_step(args, train_args, num_classes, lambda: source["batch"](), use_amp, active)
     steps = {"bare backbone": bare_backbone_step(args, train_args, num_classes, images, labels, use_amp),
              "ours, tensors": ours, "ours, pipeline": ours, "loader alone": lambda: source["batch"]()}
+    if args.compile_row:
+        compiled = argparse.Namespace(**{**vars(train_args), "compile": True})
+        steps["ours, compiled"] = our_step(args, compiled, num_classes, lambda: (images, labels), use_amp, active)
     rows: dict[str, list[float]] = {name: [] for name in steps}
 
     def fresh_loader():

@@ -1,4 +1,5 @@
-"""bench/train_throughput.py runs end to end on a tiny set (a smoke test: no timing is asserted)."""
+"""bench/train_throughput.py runs end to end on a tiny set, its compiled row included (train.py --compile's only
+run in the suite; a smoke test: no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ def test_train_throughput_writes_every_row_and_the_ratios(synthetic_prepared: Pa
     out = tmp_path / "throughput.json"
     train_throughput.main(["--device", "cpu", "--backbone", "resnet18", "--img-size", "32", "16", "--batch", "2",
                            "2", "--steps", "1", "--warmup", "1", "--rounds", "2", "--workers", "0", "--data",
-                           str(synthetic_prepared), "--json", str(out), "--", "--latent-dim", "16"])
+                           str(synthetic_prepared), "--json", str(out), "--compile-row", "--", "--latent-dim", "16"])
     result = json.loads(out.read_text())
-    assert list(result["rows"]) == ["bare backbone", "ours, tensors", "ours, pipeline", "loader alone"]
+    assert list(result["rows"]) == ["bare backbone", "ours, tensors", "ours, pipeline", "loader alone",
+                                    "ours, compiled"]
     assert result["rows"]["bare backbone"]["ratio_to_bare"] == 1.0
     assert all(len(row["seconds_each_round"]) == 2 for row in result["rows"].values())
     for row in result["rows"].values():
