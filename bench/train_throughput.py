@@ -194,17 +194,25 @@ def rotated(names: list[str], turn: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+def paired_ratio(reference: list[float], seconds: list[float]) -> dict:
+    """A row's speed over a reference's, round by round (the reference's seconds over the row's): the median, the
+    sample spread and each round's."""
+    ratios = [ref / row for ref, row in zip(reference, seconds, strict=True)]
+    return {"median": statistics.median(ratios), "std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            "each_round": ratios}
+
+
 def row_figures(rounds: dict[str, list[float]], batch: int, steps: int) -> dict[str, dict]:
     """Each row's median round as images/s and ms a step, and ours/bare as the median and spread of the rounds'
     ratios (the bare row's seconds over the row's, round by round)."""
     figures = {}
     for name, seconds in rounds.items():
-        ratios = [bare / ours for bare, ours in zip(rounds["bare backbone"], seconds, strict=True)]
+        ratio = paired_ratio(rounds["bare backbone"], seconds)
         median = statistics.median(seconds)
         figures[name] = {"seconds": median, "ms_per_step": median / steps * 1e3,
-                         "images_per_s": batch * steps / median, "ratio_to_bare": statistics.median(ratios),
-                         "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
-                         "ratio_each_round": ratios, "seconds_each_round": seconds}
+                         "images_per_s": batch * steps / median, "ratio_to_bare": ratio["median"],
+                         "ratio_std": ratio["std"], "ratio_each_round": ratio["each_round"],
+                         "seconds_each_round": seconds}
     return figures
 
 
@@ -258,6 +266,8 @@ def measure(args, train_args) -> dict:
         "amp_bf16_channels_last": use_amp, "train_images": len(records),
         "loss_terms": {n: w for n, w in vars(train.loss_weights(train_args)).items() if n in active},
         "last_stride": train_args.last_stride, "rows": row_figures(rows, p * k, args.steps),
+        "compiled_over_eager": paired_ratio(rows["ours, tensors"], rows["ours, compiled"]) if args.compile_row
+        else None,
     }
 
 
@@ -278,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = result["rows"]["ours, pipeline"]
     print(f"  ours (pipeline) / bare backbone = {pipeline['ratio_to_bare']:.3f} ± {pipeline['ratio_std']:.3f}, "
           f"median of {result['rounds']} rounds (target ≥ {TARGET_RATIO})")
+    if speedup := result["compiled_over_eager"]:
+        print(f"  ours compiled / ours eager (tensors) = {speedup['median']:.3f} ± {speedup['std']:.3f} in speed, "
+              "round by round")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -19,6 +19,8 @@ def test_train_throughput_writes_every_row_and_the_ratios(synthetic_prepared: Pa
                                     "ours, compiled"]
     assert result["rows"]["bare backbone"]["ratio_to_bare"] == 1.0
     assert all(len(row["seconds_each_round"]) == 2 for row in result["rows"].values())
+    eager, compiled = (result["rows"][name]["seconds_each_round"] for name in ("ours, tensors", "ours, compiled"))
+    assert result["compiled_over_eager"]["each_round"] == [e / c for e, c in zip(eager, compiled, strict=True)]
     for row in result["rows"].values():
         assert row["images_per_s"] > 0 and row["ms_per_step"] > 0
         assert abs(row["images_per_s"] * row["ms_per_step"] / 1e3 - 4) < 1e-6  # 2×2 images a step
