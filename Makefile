@@ -46,8 +46,8 @@ bench: $(STAMP)
 	$(PY) bench/image_check.py
 
 # On a CUDA machine: training images/s with bf16 autocast at 256×128, batch 16×4, for resnet50 with the tensor
-# loader (and a --compile row in the same run), the PIL loader, and the seed's two reference backbones, and the model step of every
-# family's seed backbone; figures also in runs/bench/*.json. The first run generates the 751-identity synthetic
+# loader (and a --compile row in the same run), the PIL loader, and the seed's two reference backbones, and the
+# model step of every family's seed backbone; figures also in runs/bench/*.json. The first run generates the 751-identity synthetic
 # set into data/bench-train751-seed0/ (about two minutes); the others reuse it.
 bench-gpu: $(STAMP)
 	$(PY) bench/train_throughput.py --device cuda --compile-row --json runs/bench/train_throughput_resnet50.json

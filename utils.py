@@ -149,7 +149,6 @@ def resolve_device(name: str):
     return device
 
 
-
 @functools.lru_cache(maxsize=64)
 def device_constant(values: tuple[float, ...], device: Any, dtype: Any = None) -> Any:
     """A constant tensor, made once per (values, device, dtype): made at each call it would be a copy to the GPU
@@ -157,6 +156,7 @@ def device_constant(values: tuple[float, ...], device: Any, dtype: Any = None) -
     import torch
 
     return torch.tensor(values, dtype=dtype).to(device)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: one state dict a part, and the full training state
