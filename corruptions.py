@@ -87,8 +87,10 @@ def gaussian_blur(image: np.ndarray, severity: int, rng: np.random.Generator) ->
 
 
 def local_shuffle_order(shape: tuple[int, int], delta: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
-    """The pixel order after ImageNet-C's glass-blur swaps (each interior pixel, bottom-right first, swapped with
-    one up to `delta` away), as flat indices; the offsets are drawn at once, the swaps act on an index list."""
+    """The source pixel of each pixel after ImageNet-C's glass-blur loop, as flat indices: each interior pixel,
+    bottom-right first, takes the value of one up to `delta` away. The reference writes a swap,
+    `x[h, w], x[h', w'] = x[h', w'], x[h, w]`, but on an H×W×3 array both sides are views, so it copies (h', w')
+    onto (h, w) and leaves (h', w') as it was; this repeats that. The offsets are drawn at once."""
     h, w = shape
     rows = np.arange(h - delta, delta, -1)
     cols = np.arange(w - delta, delta, -1)
@@ -98,12 +100,12 @@ def local_shuffle_order(shape: tuple[int, int], delta: int, iterations: int, rng
         dx, dy = rng.integers(-delta, delta, size=(2, here.size))
         there = (here + dy * w + dx).tolist()
         for a, b in zip(here.tolist(), there, strict=True):
-            order[a], order[b] = order[b], order[a]
+            order[a] = order[b]
     return np.asarray(order)
 
 
 def glass_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Blur, shuffle pixels locally (frosted glass), blur again."""
+    """Blur, scatter pixels locally (frosted glass), blur again."""
     sigma, delta, iterations = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
     x = np.uint8(gaussian_smooth(unit(image), sigma) * 255)
     h, w = x.shape[:2]
@@ -191,7 +193,6 @@ def zoom_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.
     """The mean of the image and its central zooms (moving towards the camera)."""
     factors = np.arange(*ZOOM_FACTORS[severity - 1])
     x = unit(image).astype(np.float32)
-    h, w = x.shape[:2]
     total = np.zeros_like(x)
     for factor in factors:
         total += clipped_zoom(x, factor)

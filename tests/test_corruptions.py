@@ -20,8 +20,9 @@ from utils import UserError
 
 # Corruptions whose reference parameters are not ordered by distance to the clean image at every step: saturate's
 # first two severities desaturate and the rest oversaturate; snow's severity 3 has fewer, larger flakes than 2;
-# frost's later severities keep less image but add about as much texture. Their worst severity is still the farthest.
-NOT_MONOTONE = {"saturate", "snow", "frost"}
+# frost's later severities keep less image but add about as much texture; glass blur's severity 3 makes three passes
+# of its pixel loop against severity 4's two. Their worst severity is still the farthest.
+NOT_MONOTONE = {"saturate", "snow", "frost", "glass_blur"}
 
 
 def smooth_image(seed: int, height: int = 128, width: int = 64) -> np.ndarray:
@@ -142,15 +143,252 @@ def test_defocus_kernel_is_a_normalised_disk():
     assert np.count_nonzero(kernel > 1e-6) == 29 and kernel.max() == pytest.approx(1 / 29, rel=1e-5)
 
 
-def test_glass_blur_swaps_only_pixels_within_its_reach():
+def reference_glass_loop(x: np.ndarray, delta: int, offsets: list[np.ndarray]) -> np.ndarray:
+    """ImageNet-C's glass-blur pixel loop as its code reads, on an H×W×3 array, with the offsets of each pass given
+    (dx and dy of the k-th pixel visited at [0, k] and [1, k]) instead of drawn one pixel at a time."""
+    h, w = x.shape[:2]
+    for (dxs, dys) in offsets:
+        k = 0
+        for row in range(h - delta, delta, -1):
+            for col in range(w - delta, delta, -1):
+                row_prime, col_prime = row + dys[k], col + dxs[k]
+                x[row, col], x[row_prime, col_prime] = x[row_prime, col_prime], x[row, col]
+                k += 1
+    return x
+
+
+@pytest.mark.parametrize(("delta", "iterations"), [(1, 2), (2, 1), (4, 2)])
+def test_glass_blur_moves_pixels_as_the_reference_loop_does(delta: int, iterations: int):
     from corruptions import local_shuffle_order
 
-    order = local_shuffle_order((20, 12), delta=2, iterations=1, rng=np.random.default_rng(0))
-    assert sorted(order.tolist()) == list(range(240))  # a permutation: pixels are moved, never lost or copied
-    rows, cols = np.divmod(np.arange(240), 12)
-    assert not np.array_equal(order, np.arange(240))
-    # the swaps start at row and column delta + 1 and reach at most delta up or left: the first row and column stay
-    assert (order[rows == 0] == np.arange(12)).all() and (order[cols == 0] == np.arange(0, 240, 12)).all()
+    h, w = 20, 12
+    visited = (h - 2 * delta) * (w - 2 * delta)
+    draws = np.random.default_rng(3)
+    offsets = [draws.integers(-delta, delta, size=(2, visited)) for _ in range(iterations)]
+    ids = np.arange(h * w)
+    pixels = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], axis=1).reshape(h, w, 3)
+    expected = reference_glass_loop(pixels.copy(), delta, offsets).reshape(-1, 3)
+    order = local_shuffle_order((h, w), delta, iterations, np.random.default_rng(3))
+    np.testing.assert_array_equal(order, expected[:, 0] + 256 * expected[:, 1])
+    # The reference's tuple assignment of views copies rather than swaps: some pixels are repeated, some lost.
+    assert len(np.unique(order)) < h * w
+
+
+def test_glass_blur_is_blur_scatter_blur():
+    import skimage.filters
+
+    image = smooth_image(2, 48, 32)
+    sigma, delta = 0.9, 2  # severity 2: one pass
+    blurred = np.uint8(skimage.filters.gaussian(image / 255.0, sigma=sigma, channel_axis=-1) * 255)
+    visited = (48 - 2 * delta) * (32 - 2 * delta)
+    offsets = [np.random.default_rng(9).integers(-delta, delta, size=(2, visited))]
+    scattered = reference_glass_loop(blurred.copy(), delta, offsets)
+    expected = np.uint8(np.clip(skimage.filters.gaussian(scattered / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+    np.testing.assert_array_equal(corrupt(image, "glass_blur", 2, 9), expected)
+
+
+def test_speckle_noise_is_multiplicative():
+    # Severity 1: x + x·N(0, 0.15²); at grey 128 the spread is 0.15·128 = 19.2 grey levels, at 64 half that, plus
+    # the 1/12 variance of truncation to uint8 (which lowers the mean by 0.5).
+    for grey, spread in ((128, 19.2), (64, 9.6)):
+        out = corrupt(np.full((128, 64, 3), grey, np.uint8), "speckle_noise", 1, 3).astype(float)
+        assert out.std() == pytest.approx(math.sqrt(spread**2 + 1 / 12), rel=0.02)
+        assert out.mean() == pytest.approx(grey - 0.5, abs=0.5)
+
+
+def test_gaussian_blur_spreads_a_point_into_the_gaussian_kernel():
+    # A white point blurred with σ = 1 (severity 1) or 2 (severity 2), the kernel cut at 4σ and normalised as
+    # skimage's gaussian does: 255·g(dy)·g(dx), g(d) = exp(−d²/2σ²) / Σ_{|k| ≤ 4σ} exp(−k²/2σ²), truncated.
+    image = np.zeros((33, 33, 3), np.uint8)
+    image[16, 16] = 255
+    for severity, sigma in ((1, 1), (2, 2)):
+        reach = 4 * sigma
+        g = np.exp(-np.arange(-reach, reach + 1) ** 2 / (2 * sigma**2))
+        g /= g.sum()
+        expected = np.zeros((33, 33))
+        expected[16 - reach:17 + reach, 16 - reach:17 + reach] = 255 * np.outer(g, g)
+        out = corrupt(image, "gaussian_blur", severity, 0)
+        np.testing.assert_array_equal(out, np.repeat(np.floor(expected)[:, :, None], 3, axis=2))
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_gaussian_blur_matches_skimage(severity: int):
+    import skimage.filters
+
+    image = smooth_image(4)
+    sigma = (1, 2, 3, 4, 6)[severity - 1]
+    expected = np.uint8(np.clip(skimage.filters.gaussian(image / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+    np.testing.assert_array_equal(corrupt(image, "gaussian_blur", severity, 0), expected)
+
+
+def test_defocus_blur_spreads_a_point_over_the_disk():
+    # Severity 1: a disk of radius 3 (29 grid points, 1/29 each; its antialiasing blur of σ 0.1 leaves it as it
+    # is), so a white point becomes 255/29 = 8.79 → 8 on the 29 pixels within distance 3, and 0 elsewhere.
+    image = np.zeros((33, 33, 3), np.uint8)
+    image[16, 16] = 255
+    yy, xx = np.mgrid[-16:17, -16:17]
+    expected = np.where(xx**2 + yy**2 <= 9, 8, 0)
+    np.testing.assert_array_equal(corrupt(image, "defocus_blur", 1, 0), np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def direct_motion_sum(x: np.ndarray, radius: int, sigma: float, axis: int) -> np.ndarray:
+    """Σ_i k_i · x shifted i pixels back along `axis` (edges repeated), k_i ∝ exp(−i²/2σ²) over i = 0..2·radius,
+    the copies that would leave the image dropped, as the reference's loop breaks."""
+    k = np.exp(-np.arange(2 * radius + 1) ** 2 / (2 * sigma**2))
+    k /= k.sum()
+    size = x.shape[axis]
+    index = np.arange(size)
+    return sum(k[i] * np.take(x, np.minimum(index + i, size - 1), axis=axis) for i in range(min(2 * radius + 1, size)))
+
+
+@pytest.mark.parametrize(("angle", "axis", "shape"), [(0.0, 1, (40, 24, 3)), (90.0, 0, (40, 24, 3)),
+                                                      (0.0, 1, (12, 8, 3))])
+def test_motion_blur_is_a_half_gaussian_sum_of_shifted_copies(angle: float, axis: int, shape: tuple[int, ...]):
+    from corruptions import linear_motion_blur
+
+    x = np.random.default_rng(1).integers(0, 256, size=shape).astype(np.float32)
+    np.testing.assert_allclose(linear_motion_blur(x, 10, 3, angle), direct_motion_sum(x, 10, 3, axis), rtol=1e-5)
+
+
+def test_motion_blur_draws_its_angle_from_the_seed():
+    from corruptions import linear_motion_blur
+
+    image = smooth_image(5)
+    angle = np.random.default_rng(6).uniform(-45, 45)
+    expected = np.clip(linear_motion_blur(image, 15, 5, angle), 0, 255).astype(np.uint8)  # severity 2
+    np.testing.assert_array_equal(corrupt(image, "motion_blur", 2, 6), expected)
+
+
+def reference_zoom(x: np.ndarray, factor: float) -> np.ndarray:
+    """ImageNet-C's clipped zoom: the central ceil(size/factor) crop, scipy.ndimage.zoom(order=1) by the factor,
+    then the centre cut back to the image's size."""
+    from scipy.ndimage import zoom
+
+    h, w = x.shape[:2]
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    zoomed = zoom(x[top:top + ch, left:left + cw], (factor, factor, 1), order=1)
+    trim_top, trim_left = (zoomed.shape[0] - h) // 2, (zoomed.shape[1] - w) // 2
+    return zoomed[trim_top:trim_top + h, trim_left:trim_left + w]
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_zoom_blur_averages_the_reference_zooms(severity: int):
+    image = smooth_image(7)
+    x = (image / 255.0).astype(np.float32)
+    factors = np.arange(1, (1.11, 1.16, 1.21, 1.26, 1.31)[severity - 1], (0.01, 0.01, 0.02, 0.02, 0.03)[severity - 1])
+    total = sum(reference_zoom(x, f) for f in factors)
+    expected = np.uint8(np.clip((x + total) / (len(factors) + 1), 0, 1) * 255)
+    np.testing.assert_array_equal(corrupt(image, "zoom_blur", severity, 0), expected)
+
+
+def test_plasma_fractal_spans_zero_to_one_and_is_smooth():
+    from corruptions import plasma_fractal
+
+    heights = plasma_fractal(128, 2.0, np.random.default_rng(0))
+    assert heights.shape == (128, 128) and heights.min() == 0.0 and heights.max() == 1.0
+    # neighbours differ by far less than the range: a haze, not noise (uniform noise would differ by 1/3)
+    assert np.abs(np.diff(heights, axis=0)).mean() < 0.05 and np.abs(np.diff(heights, axis=1)).mean() < 0.05
+
+
+def test_fog_adds_the_haze_and_rescales_by_the_peak():
+    # Severity 1 (strength 1.5, decay 2) on grey v: (v + 1.5·P)·v/(v + 1.5), P the fractal of side 128 cropped.
+    from corruptions import plasma_fractal
+
+    v = 128 / 255
+    haze = plasma_fractal(128, 2.0, np.random.default_rng(5))[:128, :64]
+    expected = np.floor(np.clip((v + 1.5 * haze) * v / (v + 1.5), 0, 1) * 255)
+    out = corrupt(np.full((128, 64, 3), 128, np.uint8), "fog", 1, 5)
+    np.testing.assert_array_equal(out, np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_frost_blends_a_texture_of_the_reference_colour():
+    from corruptions import FROST_MEAN, FROST_STD, frost_texture
+
+    texture = frost_texture((128, 64), np.random.default_rng(8))
+    np.testing.assert_allclose(texture.mean(axis=(0, 1)), FROST_MEAN, atol=1.0)
+    np.testing.assert_allclose(texture.std(axis=(0, 1)), FROST_STD, atol=1.0)
+    image = smooth_image(8)
+    expected = np.clip(0.8 * image + 0.6 * texture, 0, 255).astype(np.uint8)  # severity 2: 0.8 image + 0.6 frost
+    np.testing.assert_array_equal(corrupt(image, "frost", 2, 8), expected)
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_snow_whitens_the_background(severity: int):
+    # Where no flake falls, snow is keep·x + (1 − keep)·max(x, 1.5·grey + 0.5); on a uniform grey image grey = x.
+    # Flakes only add, so the darkest pixels are that background: 0 → 25 at severity 1 (0.2 · 0.5 · 255 = 25.5).
+    keep = (0.8, 0.7, 0.7, 0.65, 0.55)[severity - 1]
+    for grey in (0, 60):
+        x = grey / 255
+        background = math.floor((keep * x + (1 - keep) * max(x, 1.5 * x + 0.5)) * 255)
+        out = corrupt(np.full((128, 64, 3), grey, np.uint8), "snow", severity, 1)
+        assert out.min() == background and (out == background).mean() > 0.1
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_water_spatter_adds_pale_turquoise(severity: int):
+    # On black, water adds mask·(175, 238, 238)/255: green equals blue and red is 175/238 of it (±1 truncation).
+    out = corrupt(np.zeros((128, 64, 3), np.uint8), "spatter", severity, 2).reshape(-1, 3).astype(int)
+    wet = out[out.sum(1) > 0]
+    assert len(wet) > 100
+    assert (wet[:, 1] == wet[:, 2]).all()
+    assert np.abs(wet[:, 0] - wet[:, 1] * 175 / 238).max() <= 1
+
+
+@pytest.mark.parametrize("severity", [4, 5])
+def test_mud_spatter_covers_with_mud_brown(severity: int):
+    # Mud replaces the image by (63, 42, 20) with weight m ∈ [0.8, 1] (smaller weights are dropped), so on black
+    # every pixel is 0 or m·(63, 42, 20), truncated.
+    out = corrupt(np.zeros((128, 64, 3), np.uint8), "spatter", severity, 2).reshape(-1, 3).astype(int)
+    muddy = out[out.sum(1) > 0]
+    assert len(muddy) > 100
+    weight = muddy / np.array([63, 42, 20])
+    assert (weight >= 0.8 - 1 / 20).all() and (weight <= 1).all()
+
+
+def test_rain_darkens_by_a_twentieth_per_severity():
+    # 16×30 has fewer pixels than one drop needs at every severity (500 at the most), so rain is the box blur of a
+    # uniform image and the darkening, 255·(0.05 + 0.05·s) off 128, truncated: 102.5, 89.75, 77, 64.25, 51.5.
+    image = np.full((16, 30, 3), 128, np.uint8)
+    for severity, expected in zip(range(1, 6), (102, 89, 77, 64, 51), strict=True):
+        assert (corrupt(image, "rain", severity, 0) == expected).all()
+
+
+def test_elastic_transform_samples_at_the_displaced_positions():
+    # On a ramp bilinear sampling is exact: at column c + dx a horizontal ramp 3·c reads 3·(c + dx), a vertical
+    # one 2·(r + dy). The displacements are the reference's: uniform draws in ±0.005·H smoothed by a Gaussian
+    # of σ = 1% of each side (reflected, cut at 3σ), times α = 250·0.05 at severity 1; dx first, then dy.
+    from scipy.ndimage import gaussian_filter
+
+    h, w = 128, 64
+    draws = np.random.default_rng(4)
+    dx, dy = (gaussian_filter(draws.uniform(-0.005 * h, 0.005 * h, size=(h, w)), (0.01 * h, 0.01 * w),
+                              mode="reflect", truncate=3) * 12.5 for _ in range(2))
+    rows, cols = np.mgrid[0:h, 0:w]
+    inner = (slice(12, h - 12), slice(12, w - 12))  # displacements stay under 8 px: no reflection at the edge
+    ramps = {"horizontal": (3.0 * cols, 3.0 * (cols + dx)), "vertical": (2.0 * rows, 2.0 * (rows + dy))}
+    for name, (ramp, expected) in ramps.items():
+        image = np.repeat(ramp[:, :, None], 3, axis=2).astype(np.uint8)
+        out = corrupt(image, "elastic_transform", 1, 4)[..., 0].astype(float)
+        assert np.abs(out - expected)[inner].max() <= 1, name
+    assert np.abs(dx).max() > 1  # the field moves pixels by more than the truncation
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_jpeg_compression_is_a_pillow_round_trip_at_the_reference_quality(severity: int):
+    import io
+
+    image = smooth_image(6)
+
+    def round_trip(quality: int) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+    quality = (25, 18, 15, 10, 7)[severity - 1]
+    out = corrupt(image, "jpeg_compression", severity, 0)
+    np.testing.assert_array_equal(out, round_trip(quality))
+    assert not np.array_equal(out, round_trip(quality + 5))
 
 
 # ---------------------------------------------------------------------------------------------------------
