@@ -54,6 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parse_model_args(parser, argv)
     if args.max_rank < 1:
         parser.error(f"--max-rank {args.max_rank}: expected a positive rank")
+    if args.verify_pairs == 1 or args.verify_pairs < 0:
+        parser.error(f"--verify-pairs {args.verify_pairs}: expected 0 (skip) or at least 2 (one pair of each kind)")
+    if not 0 < args.threshold < 1:
+        parser.error(f"--threshold {args.threshold}: expected a probability between 0 and 1")
     return args
 
 

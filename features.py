@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -39,12 +38,13 @@ from utils import (
     LOG,
     PART_FILES,
     UserError,
-    atomic_write_bytes,
     normalise_flag_spelling,
     part_file,
     read_json,
+    read_npz_cache,
     resolve_device,
     sha256_file,
+    write_npz_cache,
 )
 
 
@@ -180,17 +180,16 @@ def feature_cache_key(settings: dict, manifest: Path, flip: bool, corruption: Co
     return digest.hexdigest()
 
 
-def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, device: torch.device,
-                   cache: Path | None, batch_size: int = 128, workers: int = 2,
+def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, cache: Path | None,
+                   batch_size: int = 128, workers: int = 2,
                    corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
     """Query and gallery embeddings with ids and cameras, from the .npz cache when it matches, else extracted;
     with `corruption`, of the images corrupted by the Market-1501-C protocol."""
     key = feature_cache_key(settings, manifest_path(prepared, split), flip, corruption)  # dataset_root checked it
-    if cache is not None and cache.is_file():
-        with np.load(cache) as stored:
-            if str(stored["key"]) == key:
-                LOG.info("features from %s", cache)
-                return {name: stored[name] for name in stored.files if name != "key"}
+    cached = read_npz_cache(cache, key)
+    if cached is not None:
+        LOG.info("features from %s", cache)
+        return cached
     query, gallery = load_eval_records(prepared, split)
     if not query or not gallery:
         raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
@@ -206,10 +205,7 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
              "q_camids": camids[:n], "g_camids": camids[n:],
              "q_files": np.array([str(Path(r.path).relative_to(prepared)) for r in query]),
              "g_files": np.array([str(Path(r.path).relative_to(prepared)) for r in gallery])}
-    if cache is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, key=np.array(key), **found)
-        atomic_write_bytes(cache, buffer.getvalue())
+    write_npz_cache(cache, key, found)
     return found
 
 
@@ -262,6 +258,9 @@ def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         parser.error(f"--lambda-value {args.lambda_value}: expected a weight between 0 and 1")
     if not args.aqe_alpha >= 0:
         parser.error(f"--aqe-alpha {args.aqe_alpha}: expected a non-negative exponent")
+    if args.batch_size < 1 or args.workers < 0:
+        flag, value = ("--batch-size", args.batch_size) if args.batch_size < 1 else ("--workers", args.workers)
+        parser.error(f"{flag} {value}: expected a positive batch size and a non-negative number of workers")
     try:
         args.corruption = corruption_settings(args.corrupt, args.severity, args.corrupt_seed)
     except ValueError as err:
@@ -404,13 +403,13 @@ def corruption_file_tag(corruption: CorruptionSettings | None) -> str:
     return f"_c-{names.replace(',', '+')}_s-{severities[2:].replace(',', '+')}_seed-{seed[5:]}"
 
 
-def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, prepared: Path,
-                    device: torch.device, cache_dir: Path, flip: bool,
+def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, prepared: Path, cache_dir: Path,
+                    flip: bool,
                     corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
     """The split's features, cached as features_<split>[_flip][_c-...].npz in `cache_dir` unless --no-cache."""
     name = f"features_{args.split}{'_flip' if flip else ''}{corruption_file_tag(corruption)}.npz"
     cache = None if args.no_cache else cache_dir / name
-    return split_features(model, settings, prepared, args.split, flip, device, cache, args.batch_size,
+    return split_features(model, settings, prepared, args.split, flip, cache, args.batch_size,
                           args.workers, corruption)
 
 
@@ -421,15 +420,14 @@ def prepare_evaluation(args: argparse.Namespace, cache_dir: Path,
     settings = model_settings(args)
     prepared, device = dataset_root(args), resolve_device(args.device)
     model = build_trained(settings, device)
-    found = cached_features(args, model, settings, prepared, device, cache_dir, args.flip, corruption)
+    found = cached_features(args, model, settings, prepared, cache_dir, args.flip, corruption)
     return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
 
 
 def corrupted_evaluation(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
                          corruption: CorruptionSettings) -> EvaluationInputs:
     """The same model and split with the images corrupted by `corruption`: its features (cached) and distances."""
-    found = cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir,
-                            args.flip, corruption)
+    found = cached_features(args, inputs.model, inputs.settings, inputs.prepared, cache_dir, args.flip, corruption)
     return EvaluationInputs(inputs.settings, inputs.prepared, inputs.model, inputs.device, found,
                             ranking_distances(found, args, inputs.device))
 
@@ -440,5 +438,4 @@ def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cac
     as the Siamese head is scored and ranks."""
     if not args.flip:
         return inputs.found
-    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, inputs.device, cache_dir, False,
-                           corruption)
+    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, cache_dir, False, corruption)

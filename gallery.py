@@ -4,7 +4,6 @@ exact (torch, in chunks) or through a faiss index (exact or approximate). topk.p
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from datasets import parse_market_name
 from features import embedding_batches, model_fingerprint
 from metrics import JUNK_PID, pairwise_distance
 from model import ReIDModel
-from utils import LOG, UserError, atomic_write_bytes
+from utils import LOG, UserError, read_npz_cache, write_npz_cache
 
 UNLABELLED = -2  # identity and camera of a file whose name is not Market-style
 INDEXES = ("exact", "faiss", "faiss-ivf")
@@ -86,19 +85,15 @@ def gallery_features(model: ReIDModel, settings: dict, files: Sequence[Path], ca
     """The gallery's embeddings with the files they belong to and the unreadable ones, from `cache` when its key
     matches the model and the file list, else embedded (and cached)."""
     key = gallery_key(settings, files, flip)
-    if cache is not None and cache.is_file():
-        with np.load(cache) as stored:
-            if str(stored["key"]) == key:
-                LOG.info("gallery embeddings from %s", cache)
-                return {name: stored[name] for name in ("features", "files", "unreadable")}
+    cached = read_npz_cache(cache, key)
+    if cached is not None:
+        LOG.info("gallery embeddings from %s", cache)
+        return cached
     features, unreadable = embed_files(model, files, batch_size, workers, flip)
     bad = set(unreadable)
     found = {"features": features, "files": np.array([str(f) for i, f in enumerate(files) if i not in bad]),
              "unreadable": np.array([str(files[i]) for i in unreadable], dtype=str)}
-    if cache is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, key=np.array(key), **found)
-        atomic_write_bytes(cache, buffer.getvalue())
+    write_npz_cache(cache, key, found)
     return found
 
 

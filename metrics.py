@@ -4,6 +4,7 @@ gallery distance matrix, vectorised over queries. train.py's validation, eval.py
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,8 +15,9 @@ from datasets import JUNK_PID
 AP_MODES = ("standard", "devkit")
 
 
-def check_rank_inputs(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids) -> None:
-    """Shapes that agree and a non-empty query and gallery, or a ValueError saying what is wrong."""
+def check_rank_inputs(distmat: np.ndarray, q_pids: Sequence[int], g_pids: Sequence[int], q_camids: Sequence[int],
+                      g_camids: Sequence[int]) -> None:
+    """Shapes that agree, a non-empty query and gallery and finite distances, or a ValueError saying what is wrong."""
     if distmat.ndim != 2:
         raise ValueError(f"distance matrix must be 2-D (query × gallery), got shape {distmat.shape}")
     num_q, num_g = distmat.shape
@@ -25,6 +27,11 @@ def check_rank_inputs(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids) -
                               ("g_camids", g_camids, num_g)):
         if len(array) != size:
             raise ValueError(f"{name} has {len(array)} entries but the distance matrix is {num_q} × {num_g}")
+    # in row blocks: a memory-mapped matrix is read a block at a time
+    non_finite = sum(int(np.count_nonzero(~np.isfinite(distmat[i:i + 1024]))) for i in range(0, num_q, 1024))
+    if non_finite:
+        raise ValueError(f"{non_finite} of the {num_q} × {num_g} distances are not finite (NaN or infinite "
+                         "embeddings?); ranking them would give meaningless scores")
 
 
 def positions_in_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +152,6 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q
     cmc = np.cumsum(np.bincount(hit[hit <= max_rank] - 1, minlength=max_rank))[:max_rank] / valid
     return {"mAP": float(np.nanmean(ap)), "mINP": float(np.nanmean(inp)), "cmc": cmc,
             "num_valid_queries": valid, "num_skipped_queries": len(q_pids) - valid, "ap": ap}
-
-
 
 
 def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean",

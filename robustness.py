@@ -37,9 +37,10 @@ def side_by_side(clean: dict, corrupted: dict, key: str) -> str:
 def corrupted_summary(inputs: EvaluationInputs, args: argparse.Namespace, corruption: CorruptionSettings,
                       **options) -> dict:
     """The split evaluated with its images corrupted by `corruption` (features not cached: a grid has many)."""
-    found = split_features(inputs.model, inputs.settings, inputs.prepared, args.split, args.flip, inputs.device,
-                           None, args.batch_size, args.workers, corruption)
-    return ranking_summary(rank_split(ranking_distances(found, args), found, args.split, inputs.prepared, **options))
+    found = split_features(inputs.model, inputs.settings, inputs.prepared, args.split, args.flip, None,
+                           args.batch_size, args.workers, corruption)
+    distances = ranking_distances(found, args, inputs.device)
+    return ranking_summary(rank_split(distances, found, args.split, inputs.prepared, **options))
 
 
 def robustness_grid(inputs: EvaluationInputs, args: argparse.Namespace, names: tuple[str, ...],

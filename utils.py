@@ -78,6 +78,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def read_npz_cache(path: Path | None, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz cache written by write_npz_cache with this `key`, or None (no file, another key)."""
+    if path is None or not path.is_file():
+        return None
+    with np.load(path) as stored:
+        if str(stored["key"]) != key:
+            return None
+        return {name: stored[name] for name in stored.files if name != "key"}
+
+
+def write_npz_cache(path: Path | None, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Store `arrays` with their `key` as an .npz file, atomically (nothing without a path)."""
+    if path is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON, atomically."""
     text = json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"

@@ -27,6 +27,8 @@ def verification_pairs(pids: np.ndarray, num_pairs: int, seed: int = 0) -> tuple
         raise ValueError("verification needs an identity with two images and two identities in the split")
     positives = sum(len(by_pid[p]) * (len(by_pid[p]) - 1) // 2 for p in shared)
     half = min(num_pairs // 2, positives)
+    if half == 0:
+        raise ValueError(f"{num_pairs} pairs asked for: at least 2 are needed, one of each kind")
     weights = np.array([len(by_pid[p]) * (len(by_pid[p]) - 1) for p in shared], dtype=float)
     chosen = rng.choice(len(shared), size=half, p=weights / weights.sum())
     pos = np.array([rng.choice(by_pid[shared[c]], size=2, replace=False) for c in chosen]).reshape(-1, 2)
@@ -83,7 +85,6 @@ def verification_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float
             "precision": precision, "recall": recall, "f1": f_beta(1.0), "f2": f_beta(2.0),
             "roc_auc": roc_auc(probs, labels), "pr_auc": pr_auc(probs, labels),
             "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}}
-
 
 
 @torch.no_grad()

@@ -31,9 +31,10 @@ def timed_evaluation(inputs: features.EvaluationInputs, args: argparse.Namespace
                      corruption: CorruptionSettings | None) -> tuple[float, float]:
     """Seconds to extract and rank the split (clean or corrupted), and the mAP."""
     start = time.perf_counter()
-    found = features.split_features(inputs.model, inputs.settings, inputs.prepared, args.split, False, inputs.device,
-                                    None, args.batch_size, args.workers, corruption)
-    result = features.rank_split(features.ranking_distances(found, args), found, args.split, inputs.prepared)
+    found = features.split_features(inputs.model, inputs.settings, inputs.prepared, args.split, False, None,
+                                    args.batch_size, args.workers, corruption)
+    distances = features.ranking_distances(found, args, inputs.device)
+    result = features.rank_split(distances, found, args.split, inputs.prepared)
     return time.perf_counter() - start, float(result["mAP"])
 
 

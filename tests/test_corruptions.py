@@ -461,8 +461,8 @@ def test_corrupted_evaluation_of_a_hand_made_case(grey_prepared: Path):
     args = evaluation.parse_args(["--all-dir", "x", "--workers", "0"])
     runs = {}
     for label, corruption, batch in (("clean", None, 4), ("corrupted", settings, 4), ("one by one", settings, 1)):
-        found = features.split_features(GreyAngle(), model_settings, grey_prepared, "test", False,
-                                        torch.device("cpu"), None, batch, 0, corruption)
+        found = features.split_features(GreyAngle(), model_settings, grey_prepared, "test", False, None, batch, 0,
+                                        corruption)
         runs[label] = found
         result = features.rank_split(features.ranking_distances(found, args), found, "test", grey_prepared)
         expected = expected_map(*((q_clean, g_clean) if corruption is None else (q_bright, g_bright)), q_pids, g_pids)

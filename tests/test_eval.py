@@ -98,6 +98,16 @@ def test_empty_or_mismatched_inputs_are_errors():
         evaluate_rank(np.zeros((1, 3)), np.array([1]), np.array([1, 2, 3]), np.array([1]), np.array([1, 1]))
 
 
+def test_non_finite_distances_are_errors():
+    # A NaN row used to rank as if it held perfect matches (AP above 1); NaN embeddings now stop the ranking.
+    dist = np.array([[0.1, 0.5, 0.9], [np.nan, np.nan, np.nan]])
+    with pytest.raises(ValueError, match=r"^3 of the 2 × 3 distances are not finite"):
+        evaluate_rank(dist, np.array([1, 2]), np.array([1, 2, 3]), np.array([1, 1]), np.array([2, 2, 2]))
+    dist[1] = [np.inf, 0.2, 0.3]
+    with pytest.raises(ValueError, match=r"^1 of the 2 × 3 distances are not finite"):
+        evaluate_rank(dist, np.array([1, 2]), np.array([1, 2, 3]), np.array([1, 1]), np.array([2, 2, 2]))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Against a plain per-query loop
 # ---------------------------------------------------------------------------------------------------------
@@ -289,6 +299,10 @@ def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: 
     (["--max-rank", "0"], "--max-rank 0: expected a positive rank"),
     (["--aqe-k", "0"], "--aqe-k 0: expected a positive number of neighbours"),
     (["--aqe-alpha", "-1"], "--aqe-alpha -1.0: expected a non-negative exponent"),
+    (["--verify-pairs", "1"], "--verify-pairs 1: expected 0 (skip) or at least 2 (one pair of each kind)"),
+    (["--threshold", "7"], "--threshold 7.0: expected a probability between 0 and 1"),
+    (["--batch-size", "0"], "--batch-size 0: expected a positive batch size and a non-negative number of workers"),
+    (["--workers", "-1"], "--workers -1: expected a positive batch size and a non-negative number of workers"),
 ])
 def test_out_of_range_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):

@@ -48,3 +48,8 @@ def test_pairs_are_balanced_never_self_and_labelled_by_identity():
 def test_pairs_need_a_repeated_identity():
     with pytest.raises(ValueError, match="verification needs an identity with two images"):
         verification_pairs(np.array([1, 2, 3]), num_pairs=10)
+
+
+def test_fewer_than_two_pairs_are_an_error():
+    with pytest.raises(ValueError, match="1 pairs asked for: at least 2 are needed"):
+        verification_pairs(np.array([1, 1, 2, 2]), num_pairs=1)
