@@ -37,10 +37,18 @@ from datasets import (
     load_train_records,
     manifest_path,
 )
-from decoded import LOADERS, evaluation_loader, training_loader
+from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import AE_NAMES, EMBEDDINGS, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
-from trainstep import LossRead, TrainStep, apply_gradients, batch_losses, guard_updates, rewind_schedule
+from trainstep import (
+    LossRead,
+    TrainStep,
+    any_rank,
+    apply_gradients,
+    batch_losses,
+    guard_updates,
+    rewind_schedule,
+)
 from utils import (
     CHECKPOINT_FILE,
     LOG,
@@ -67,7 +75,9 @@ LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
 # Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
-                 "beta", "embedding")
+                 "beta", "embedding", *LOSS_TERMS, "margin", "label_smoothing", "sparsity_target", "sparsity_mode",
+                 "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
+                 "warmup_epochs", "erasing", "lighting", "loader")
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
 ABSENT_FLAGS = {"degraded_views": "False"}
 
@@ -279,16 +289,40 @@ def validate(model: ReIDModel, loader, num_query: int, device: torch.device, pre
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 
 
-def checkpoint_state(model, balancer, optimizer, scheduler, args, epoch: int, batch: int, step: int, history, best,
-                     meters: dict[str, AverageMeter]) -> dict:
-    """Everything needed to continue training exactly where it stands, the epoch's running means included."""
-    return {"model": model.state_dict(), "balancer": balancer.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "batch": batch, "step": step, "history": history, "best": best,
-            "meters": {name: [m.total, m.count] for name, m in meters.items()},
-            "flags": {k: str(getattr(args, k)) for k in RESUME_LOCKED},
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def checkpoint_state(run: Run, epoch: int, batch: int, rng: list[dict]) -> dict:
+    """Everything needed to continue training exactly where it stands: the epoch's running means inside an epoch,
+    and each rank's random generators (`rng`, in rank order)."""
+    return {"model": run.model.state_dict(), "balancer": run.balancer.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "epoch": epoch, "batch": batch, "step": run.step, "history": run.history, "best": run.best,
+            "meters": {name: [m.total, m.count] for name, m in (run.meters if batch else {}).items()},
+            "flags": {k: str(getattr(run.args, k)) for k in RESUME_LOCKED}, "rng": rng}
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: the CPU's, and its CUDA device's when it trains on one."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def gathered_rng_states(device: torch.device, world: int) -> list[dict]:
+    """Every rank's rng_state in rank order (in a distributed run, every rank calls this together)."""
+    if world == 1:
+        return [rng_state(device)]
+    states: list = [None] * world
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def restore_rng(state: dict, rank: int, world: int, device: torch.device) -> None:
+    """This rank's generators as the checkpoint saved them (a checkpoint of another world size: the last rank's)."""
+    saved = state.get("rng") or [{"cpu": state["rng_cpu"], "cuda": None}]  # older checkpoints: rank 0's CPU state
+    if len(saved) != world:
+        LOG.warning("--resume: the run was saved by %d processes and resumes in %d; its random draws will differ "
+                    "from an uninterrupted run's", len(saved), world)
+    own = saved[min(rank, len(saved) - 1)]
+    torch.set_rng_state(own["cpu"])
+    if own["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(own["cuda"], device)
 
 
 def locked_value(name: str, value: str) -> str:
@@ -296,9 +330,10 @@ def locked_value(name: str, value: str) -> str:
     return str(Path(value).absolute()) if name == "data" else value
 
 
-def restore_checkpoint(path: Path, model, balancer, optimizer, scheduler, args) -> dict:
-    """Load a checkpoint into model, loss weights, optimiser and scheduler; refuse one made with other model or
-    data flags (a flag older checkpoints lack, such as --balance, is taken to be at its default then)."""
+def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
+    """Load a checkpoint into the run's model, loss weights, optimiser, scheduler and this rank's generators; refuse
+    one made with other model, data or training flags (a flag older checkpoints lack is taken to be at its default)."""
+    args, model, balancer, optimizer, scheduler = run.args, run.model, run.balancer, run.optimizer, run.scheduler
     state = load_torch(path)
     defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
     saved = {k: state["flags"].get(k, defaults[k]) for k in RESUME_LOCKED}
@@ -306,14 +341,16 @@ def restore_checkpoint(path: Path, model, balancer, optimizer, scheduler, args) 
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {saved[k]}" for k in changed)
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
-    model.load_state_dict(state["model"])
-    if "balancer" in state:
-        balancer.load_state_dict(state["balancer"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        if "balancer" in state:
+            balancer.load_state_dict(state["balancer"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines())[:300]
+        raise UserError(f"--resume {path}: the checkpoint does not fit this run ({detail})") from err
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    restore_rng(state, rank, run.world, run.device)
     return state
 
 
@@ -405,17 +442,18 @@ class Run:
     meters: dict[str, AverageMeter] = field(default_factory=dict)
     started: float = 0.0
     images_seen: int = 0
+    stop_asked: bool = False
 
     @property
     def checkpoint_path(self) -> Path:
         return self.result_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
-        """checkpoint.pt at (epoch, batch), the epoch's running means with it inside an epoch; rank 0 only."""
+        """checkpoint.pt at (epoch, batch), written by rank 0; every rank calls it together (their generators'
+        states are gathered into it)."""
+        rng = gathered_rng_states(self.device, self.world)
         if self.writer:
-            save_torch(checkpoint_state(self.model, self.balancer, self.optimizer, self.scheduler, self.args, epoch,
-                                        batch, self.step, self.history, self.best, self.meters if batch else {}),
-                       self.checkpoint_path)
+            save_torch(checkpoint_state(self, epoch, batch, rng), self.checkpoint_path)
 
 
 def start_process(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -481,6 +519,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     val_records = val_query + val_gallery
     val_loader = evaluation_loader(args.loader, val_records, img_size, args.eval_batch, args.workers, device,
                                    progress) if writer and val_query else None
+    args.loader = "tensor" if isinstance(loader, DecodedTrainLoader) else "pil"  # as used, after any fallback
     weights = loss_weights(args)
     balancer = build_balancer(args, weights).to(device)
     optimizer = build_optimizer(model, args, balancer)
@@ -493,7 +532,7 @@ def setup_run(args: argparse.Namespace) -> Run:
               val_records, len(val_query), balancer, optimizer, scheduler,
               train_step, build_step_module(train_step, args, world, device), steps_per_epoch)
     if args.resume:
-        state = restore_checkpoint(checkpoint_path, model, balancer, optimizer, scheduler, args)
+        state = restore_checkpoint(checkpoint_path, run, rank)
         run.start_epoch, run.start_batch, run.step, run.history, run.best = (
             state["epoch"], state["batch"], state["step"], state["history"], state["best"])
         run.resumed_meters = state["meters"]
@@ -523,7 +562,8 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
 
 
 def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -> bool:
-    """One epoch of steps (from the resumed batch in the first); True when a stop request or --max-steps ended it."""
+    """One epoch of steps (from the resumed batch in the first); True when a stop request or --max-steps ended it
+    inside the epoch. A stop request reaches every rank with a step's flags, so all stop at the same step."""
     args = run.args
     run.sampler.set_epoch(epoch, run.start_batch if epoch == run.start_epoch else 0)
     run.model.train()
@@ -538,23 +578,23 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     for images, labels, _, _ in bar:
         run.train_step.step = run.step
         total, terms = batch_losses(run.step_module, images, labels, run.device, run.use_amp)
-        read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared)
+        read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared, stop.requested)
         read.step, read.batch, read.images = run.step, batch_index, images.shape[0]
         run.step, batch_index, run.images_seen = run.step + 1, batch_index + 1, run.images_seen + images.shape[0]
-        settle(run, previous, epoch)  # the step before: finished on the device while this one was queued
+        asked = settle(run, previous, epoch)  # the step before: finished on the device while this one was queued
         previous = read
         if run.meters["loss"].count:  # the first step of an epoch is read with the second
             bar.set_postfix(loss=f"{run.meters['loss'].mean:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
-        stopping = stop.requested or (args.max_steps is not None and run.step >= args.max_steps)
+        stopping = asked or (args.max_steps is not None and run.step >= args.max_steps)
         if stopping or (args.checkpoint_every and run.step % args.checkpoint_every == 0
                         and batch_index < run.steps_per_epoch):
-            settle(run, previous, epoch)
+            stopping = settle(run, previous, epoch) or stopping
             previous = None
             run.save_checkpoint(epoch, batch_index)
         if stopping:
             LOG.info("stopped at step %d (epoch %d, batch %d); --resume continues", run.step, epoch, batch_index)
             return True
-    settle(run, previous, epoch)
+    run.stop_asked = settle(run, previous, epoch)
     bar.close()
     return False
 
@@ -569,20 +609,33 @@ def non_finite_what(values: dict[str, float], epoch: int, read: LossRead) -> str
     return f"loss {where}: term '{name}' = {values[name]}"
 
 
-def settle(run: Run, read: LossRead | None, epoch: int) -> None:
-    """A queued step's loss values into the epoch's meters; if its update was skipped (a non-finite loss or
-    gradient), checkpoint the last good state, which the skip kept, and stop the run naming the step and term."""
+def buffers_finite(run: Run) -> bool:
+    """Whether every floating-point buffer (batch norm's running statistics, GradNorm's L₀) is finite on every rank."""
+    buffers = [b for part in (run.model, run.balancer) for b in part.buffers() if b.is_floating_point()]
+    finite = torch.stack([torch.isfinite(b).all() for b in buffers]).all()
+    return not any_rank((~finite).float()).item()
+
+
+def settle(run: Run, read: LossRead | None, epoch: int) -> bool:
+    """A queued step's loss values into the epoch's meters, and whether any rank was asked to stop by then. If its
+    update was skipped (a non-finite loss or gradient), checkpoint the last good state, which the skip kept (unless
+    a forward pass left a buffer non-finite: then the last checkpoint stays), and stop naming the step and term."""
     if read is None:
-        return
-    values, skipped = read.result()
+        return False
+    values, skipped, asked = read.result()
     if skipped:
         run.step = read.step
         rewind_schedule(run.scheduler, read.step)
+        what = non_finite_what(values, epoch, read)
+        if not buffers_finite(run):
+            raise UserError(f"non-finite {what}; the update was skipped, but batch norm's running statistics went "
+                            f"non-finite too, so no checkpoint was written (--resume continues from the last one)")
         run.save_checkpoint(epoch, read.batch)
-        raise UserError(f"non-finite {non_finite_what(values, epoch, read)}; the update was skipped and the last "
-                        f"good state is in {run.checkpoint_path}")
+        raise UserError(f"non-finite {what}; the update was skipped and the last good state is in "
+                        f"{run.checkpoint_path}")
     for name, value in values.items():
         run.meters[name].update(value, read.images)
+    return asked
 
 
 def end_epoch(run: Run, epoch: int) -> None:
@@ -617,12 +670,18 @@ def train(args: argparse.Namespace) -> dict:
     run = setup_run(args)
     run.started = time.time()
     shared = shared_layer(run.model)
+    if args.max_steps is not None and run.step >= args.max_steps:
+        LOG.info("already at step %d, --max-steps %d: nothing to train", run.step, args.max_steps)
+        return {"stopped_at_step": run.step}
     stop = StopRequest()
     try:
         for epoch in range(run.start_epoch, args.epochs + 1):
             if train_epoch(run, epoch, stop, shared):
                 return {"stopped_at_step": run.step}
             end_epoch(run, epoch)
+            if run.stop_asked and epoch < args.epochs:  # asked in the epoch's last step: stop at its checkpoint
+                LOG.info("stopped at step %d (end of epoch %d); --resume continues", run.step, epoch)
+                return {"stopped_at_step": run.step}
     finally:
         stop.restore()
     return finish(run.model, run.history, run.best, run.result_dir, run.started, run.images_seen, run.world,

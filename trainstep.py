@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -69,8 +70,6 @@ class TrainStep(nn.Module):
         return total, terms
 
 
-
-
 def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over the processes of a distributed run (itself in a single process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -108,18 +107,31 @@ def guard_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def flag_non_finite(optimizer: torch.optim.Optimizer, values: torch.Tensor) -> None:
-    """Set the optimiser's skip flag when a loss value or a gradient is not finite, on any rank; once set it stays
-    set, so no later update lands on top of a skipped one."""
+def flag_non_finite(optimizer: torch.optim.Optimizer, values: torch.Tensor,
+                    stop_requested: bool = False) -> torch.Tensor:
+    """Set the optimiser's skip flag when a loss value or a gradient is not finite, on any rank (once set it stays
+    set, so no later update lands on top of a skipped one); return [1] when any rank was asked to stop, else [0]."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norms = torch._foreach_norm(grads)  # one kernel for all (clip_grad_norm_'s), a norm is finite iff its tensor is
     finite = torch.isfinite(values).all() & torch.isfinite(torch.stack(norms)).all()
-    torch.maximum(optimizer.found_inf, any_rank((~finite).float()), out=optimizer.found_inf)
+    # one all-reduce for both flags: every rank reads the same stop request at the same step
+    flags = any_rank(torch.stack([(~finite).float(), values.new_full((), float(stop_requested))]))
+    torch.maximum(optimizer.found_inf, flags[0], out=optimizer.found_inf)
+    return flags[1:]
+
+
+class StepResult(NamedTuple):
+    """A step's values as read on the host: the loss and each term by name, whether its update was skipped, and
+    whether any rank was asked to stop."""
+
+    values: dict[str, float]
+    skipped: bool
+    stop: bool
 
 
 @dataclass
 class LossRead:
-    """One step's loss values and skip flag on their way to the host, and where the step stood in its epoch."""
+    """One step's loss values, skip and stop flags on their way to the host, and where the step stood in its epoch."""
 
     names: tuple[str, ...]
     host: torch.Tensor
@@ -128,13 +140,13 @@ class LossRead:
     batch: int = 0
     images: int = 0
 
-    def result(self) -> tuple[dict[str, float], bool]:
-        """The values by name ('loss' and each term), and whether the step's update was skipped; waits only for
-        this step's forward and backward passes, long finished when read a step later."""
+    def result(self) -> StepResult:
+        """The values and flags on the host; waits only for this step's forward and backward passes, long finished
+        when read a step later."""
         if self.ready is not None:
             self.ready.synchronize()
-        *values, skipped = self.host.tolist()
-        return dict(zip(self.names, values, strict=True)), skipped > 0
+        *values, skipped, stop = self.host.tolist()
+        return StepResult(dict(zip(self.names, values, strict=True)), skipped > 0, stop > 0)
 
 
 def queue_read(names: tuple[str, ...], values: torch.Tensor) -> LossRead:
@@ -149,17 +161,19 @@ def queue_read(names: tuple[str, ...], values: torch.Tensor) -> LossRead:
 
 
 def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
-                    optimizer: torch.optim.Optimizer, scheduler, shared: torch.Tensor) -> LossRead:
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    shared: torch.Tensor, stop_requested: bool = False) -> LossRead:
     """Backward, GradNorm's weight gradient when balancing so, the finite check, the optimiser and schedule steps,
-    all queued without a device sync; the step's values come back as a LossRead (optimizer from guard_updates)."""
+    all queued without a device sync; the step's values and flags come back as a LossRead (optimizer from
+    guard_updates; `stop_requested`, this rank's, is shared with the others in the same all-reduce)."""
     optimizer.zero_grad(set_to_none=True)
     balance_grad = balancer.gradnorm_grad(terms, shared, average_over_ranks) if balancer.mode == "gradnorm" else None
     total.backward()
     if balance_grad is not None:
         balancer.weights.grad = balance_grad
     values = torch.stack([value.detach().float() for value in (total, *terms.values())])
-    flag_non_finite(optimizer, values)
-    read = queue_read(("loss", *terms), torch.cat([values, optimizer.found_inf[None]]))
+    stop = flag_non_finite(optimizer, values, stop_requested)
+    read = queue_read(("loss", *terms), torch.cat([values, optimizer.found_inf[None], stop]))
     optimizer.step()
     balancer.renormalise_()
     scheduler.step()

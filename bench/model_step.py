@@ -127,7 +127,7 @@ def our_step(step_module: TrainStep, optimizer: torch.optim.Optimizer, shared: t
 
     def step() -> None:
         total, terms = forward()
-        values, skipped = apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared).result()
+        values, skipped, _ = apply_gradients(total, terms, step_module.balancer, optimizer, scheduler, shared).result()
         if skipped:
             raise RuntimeError(f"non-finite loss or gradient {values} (a random batch should not give any)")
 

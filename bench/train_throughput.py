@@ -179,7 +179,7 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
         total, terms = batch_losses(step_module, images, labels, device, use_amp)
         read = apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
         if queued:  # the step before, read as train.py reads it: one step late, with no wait
-            values, skipped = queued.pop().result()
+            values, skipped, _ = queued.pop().result()
             if skipped:
                 raise UserError(f"non-finite loss or gradient in the benchmark: {values}")
         queued.append(read)

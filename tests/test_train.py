@@ -184,6 +184,28 @@ def test_a_checkpoint_from_before_degraded_views_resumes_without_them(learnable:
     assert "best_val_mAP" in train.main([*flags, "--no-degraded-views", "--resume"])
 
 
+@pytest.mark.parametrize(("changed", "message"), [
+    (["--bce", "0"], "--bce was 1.0"), (["--lr", "1e-3"], "--lr was 0.00035"),
+    (["--erasing", "0"], "--erasing was 0.5"), (["--loader", "pil"], "--loader was tensor")])
+def test_resume_refuses_changed_training_flags(changed: list[str], message: str, learnable: Path, tmp_path: Path):
+    """Loss weights, learning rates, schedule and augmentation are the run's too: resuming with others would train
+    a mix of two runs (or, for the loss terms, fail deep inside loading), so the flag is named."""
+    flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "r"), *TINY]
+    train.main([*flags, "--max-steps", "1"])
+    with pytest.raises(UserError, match=rf"the run was started with other flags \({message}\)"):
+        train.main([*flags, *changed, "--resume"])
+
+
+def test_resume_at_max_steps_trains_nothing_more(learnable: Path, tmp_path: Path):
+    flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "r"), "--max-steps", "2",
+             *TINY]
+    assert train.main(flags) == {"stopped_at_step": 2}
+    saved = load_torch(tmp_path / "r" / "checkpoint.pt")
+    assert train.main([*flags, "--resume"]) == {"stopped_at_step": 2}
+    again = load_torch(tmp_path / "r" / "checkpoint.pt")
+    assert again["step"] == 2 and all(torch.equal(again["model"][k], v) for k, v in saved["model"].items())
+
+
 def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable: Path):
     with pytest.raises(UserError, match="holds a run already; pass --resume"):
         train.main(["--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
@@ -240,6 +262,27 @@ def test_a_non_finite_step_stops_the_run_with_the_last_good_state_saved(poison, 
     assert saved["scheduler"]["_last_lr"] == expected["scheduler"]["_last_lr"]
 
 
+def test_a_non_finite_batch_norm_statistic_keeps_the_last_checkpoint(learnable: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """A NaN image at step 2 poisons the backbone's running statistics in the forward pass, which no skipped
+    update undoes: checkpoint.pt stays the one saved after step 2 (--checkpoint-every 1), every buffer finite."""
+    calls = {"n": 0}
+    real = trainstep.TrainStep.views
+
+    def poisoned(self, images):
+        calls["n"] += 1
+        return real(self, images * float("nan") if calls["n"] == 3 else images)
+
+    monkeypatch.setattr(trainstep.TrainStep, "views", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): .*batch norm's running "
+                                        r"statistics went non-finite too, so no checkpoint was written"):
+        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+                    "--checkpoint-every", "1", "--no-degraded-views", *TINY])
+    saved = load_torch(tmp_path / "r" / "checkpoint.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(value).all() for value in saved["model"].values() if value.is_floating_point())
+
+
 def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
     """apply_gradients on a NaN loss: no parameter or moment moves, and a finite step after it is skipped too."""
     weight = torch.nn.Parameter(torch.ones(3))
@@ -247,7 +290,7 @@ def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     balancer = train.build_balancer(train.parse_args([]), train.loss_weights(train.parse_args([])))
     first = trainstep.apply_gradients(weight.sum(), {"id": weight.sum()}, balancer, optimizer, scheduler, weight)
-    assert first.result() == ({"loss": 3.0, "id": 3.0}, False)
+    assert first.result() == ({"loss": 3.0, "id": 3.0}, False, False)
     moved = weight.detach().clone()
     assert torch.allclose(moved, torch.full((3,), 0.9))
     for total in (weight.sum() * float("nan"), weight.sum()):
@@ -401,6 +444,51 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(learnable: 
     assert re.search(rf"error: non-finite loss {where}: term 'kl' = nan; the update was skipped", result.stderr)
     assert re.search(rf"error: non-finite gradient {where} with finite losses; the update was skipped", result.stderr)
     assert load_torch(tmp_path / "ddp" / "checkpoint.pt")["step"] == 2
+
+
+STOP_RANK_ONE = """
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+import trainstep
+real, calls = trainstep.total_loss, [0]
+
+def signalled(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+trainstep.total_loss = signalled
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_a_stop_on_one_rank_stops_every_rank_and_the_run_resumes_exactly(learnable: Path, tmp_path: Path):
+    """SIGTERM reaches rank 1 alone, in its second step: the request travels with that step's flags, so both
+    ranks stop at the same step with no rank left waiting in a collective; the checkpoint holds each rank's
+    generators, and the resumed run ends where an uninterrupted one does."""
+    script = tmp_path / "signalled_train.py"
+    script.write_text(STOP_RANK_ONE.format(root=str(ROOT), train=str(ROOT / "train.py")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    flags = ["--data", str(learnable), "--epochs", "1", "--device", "cpu", *TINY]
+
+    def torchrun(program: Path, result: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               "--master_port=29535", str(program), *flags, "--result-dir", str(tmp_path / result),
+                               *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    stopped = torchrun(script, "parts")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert stopped.stderr.count("stopped at step 3 (epoch 1, batch 3)") == 2  # each rank, at the same step
+    state = load_torch(tmp_path / "parts" / "checkpoint.pt")
+    assert state["step"] == 3 and len(state["rng"]) == 2
+    assert torchrun(ROOT / "train.py", "parts", "--resume", "--max-steps", "5").returncode == 0
+    assert torchrun(ROOT / "train.py", "whole", "--max-steps", "5").returncode == 0
+    resumed, whole = (load_torch(tmp_path / name / "checkpoint.pt") for name in ("parts", "whole"))
+    assert resumed["step"] == whole["step"] == 5
+    for key, value in whole["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
 
 
 def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Path, tmp_path: Path):
