@@ -3,7 +3,6 @@ P×K sampling, loaders (the synthetic set is in synthetic.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -20,9 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from utils import UserError, read_json
-
-LOG = logging.getLogger("reid")
+from utils import LOG, UserError, read_json
 
 # ---------------------------------------------------------------------------------------------------------
 # Published data sets on disk: Market-1501, DukeMTMC-reID, MSMT17 V1/V2, CUHK03-NP
@@ -454,14 +451,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# --lighting's ColorJitter ranges: brightness, contrast, saturation (factors 1 ± r), hue (a share of the circle, ± r).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.3, 0.2, 0.2, 0.03
+
+
+def crop_padding(img_size: tuple[int, int]) -> int:
+    """The pad-and-crop margin: 10 px at 256×128, as in the re-ID baselines."""
+    return max(1, round(img_size[0] / 25.6))
+
+
 def build_transforms(img_size: tuple[int, int], train: bool, lighting: bool = False, erasing: float = 0.5) -> T.Compose:
     """Resize, then for training flip, pad-and-crop, optional lighting jitter and random erasing; normalise."""
     steps: list = [T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC)]
     if train:
-        pad = max(1, round(img_size[0] / 25.6))  # 10 px at 256×128, as in the re-ID baselines
-        steps += [T.RandomHorizontalFlip(), T.Pad(pad, padding_mode="edge"), T.RandomCrop(img_size)]
+        steps += [T.RandomHorizontalFlip(), T.Pad(crop_padding(img_size), padding_mode="edge"), T.RandomCrop(img_size)]
         if lighting:
-            steps.append(T.ColorJitter(brightness=0.3, contrast=0.2, saturation=0.2, hue=0.03))
+            steps.append(T.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION, hue=HUE))
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train and erasing > 0:
         steps.append(T.RandomErasing(p=erasing, value="random"))

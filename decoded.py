@@ -1,7 +1,7 @@
 """The decoded data set: images decoded once into one uint8 tensor, batched per-sample augmentation, tensor loaders.
 
 The training images are decoded and resized once (PIL's bicubic, as the PIL path's Resize) into a [N, 3, H, W] uint8
-tensor kept on the training device when it fits, else in the CPU's shared memory; a set that fits neither falls back
+tensor kept on the training device when it fits, else in the CPU's memory; a set that fits neither falls back
 to the PIL loader with a message. Each batch is gathered, flipped, padded-and-cropped, normalised and erased as one
 batch with per-sample parameters drawn from a generator seeded by (seed, epoch, batch, rank), so --resume repeats
 an interrupted epoch exactly. The parameters follow the PIL path's distributions (datasets.build_transforms).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,11 +23,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SATURATION,
     ImageRecord,
     PKSampler,
     build_transforms,
+    crop_padding,
     eval_loader,
     load_image,
     train_loader,
@@ -39,14 +43,8 @@ LOADERS = ("tensor", "pil")
 # Shares of free memory the decoded set may take: on a GPU the model's activations need the rest; on the CPU the
 # page cache and the loader's batches.
 DEVICE_SHARE, HOST_SHARE = 0.4, 0.5
-# torchvision's RandomErasing: area share, log aspect ratio, attempts; ColorJitter's ranges with --lighting.
+# torchvision's RandomErasing: area share, log aspect ratio, attempts.
 ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.3, 0.2, 0.2, 0.03
-
-
-def crop_padding(img_size: tuple[int, int]) -> int:
-    """The pad-and-crop margin: 10 px at 256×128, as datasets.build_transforms pads."""
-    return max(1, round(img_size[0] / 25.6))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,7 +58,7 @@ def decoded_bytes(count: int, img_size: tuple[int, int]) -> int:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for the decoded set: the GPU's free memory, or the host's available memory and shared memory."""
+    """Bytes free for the decoded set: the GPU's free memory, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages, where no meminfo
@@ -68,12 +66,11 @@ def free_memory(device: torch.device) -> int:
     if meminfo.is_file():
         lines = [line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:")]
         available = int(lines[0].split()[1]) * 1024 if lines else available
-    shm = Path("/dev/shm")
-    return min(available, shutil.disk_usage(shm).free) if shm.is_dir() else available
+    return available
 
 
 def store_device(count: int, img_size: tuple[int, int], device: torch.device) -> torch.device | None:
-    """Where a decoded set fits: the training device, else the CPU's shared memory, else None."""
+    """Where a decoded set fits: the training device, else the CPU's memory, else None."""
     need = decoded_bytes(count, img_size)
     if device.type == "cuda" and need <= DEVICE_SHARE * free_memory(device):
         return device
@@ -91,10 +88,9 @@ def decode_one(path: str, img_size: tuple[int, int]) -> np.ndarray:
 
 def decode_records(records: Sequence[ImageRecord], img_size: tuple[int, int], threads: int, device: torch.device,
                    progress: bool = True) -> torch.Tensor:
-    """The images as one [N, 3, H, W] uint8 tensor on `device` (in shared memory on the CPU), decoded by threads."""
+    """The images as one [N, 3, H, W] uint8 tensor on `device`, decoded by threads (the loader reads it in this
+    process, so on the CPU it needs no shared memory)."""
     store = torch.empty(len(records), 3, *img_size, dtype=torch.uint8)
-    if device.type == "cpu":
-        store.share_memory_()
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes and resizes outside the GIL
         pixels = pool.map(lambda r: decode_one(r.path, img_size), records)
         for i, array in enumerate(tqdm(pixels, total=len(records), desc="decoding", unit="img", disable=not progress)):

@@ -27,8 +27,7 @@ from tqdm import tqdm
 import features
 import metrics
 from datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    ImageRecord,
     PKSampler,
     build_transforms,
     dataset_identity,
@@ -38,6 +37,7 @@ from datasets import (
     manifest_path,
 )
 from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
+from degradations import to_pixels
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import AE_NAMES, EMBEDDINGS, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
 from trainstep import (
@@ -278,7 +278,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, mi
 # ---------------------------------------------------------------------------------------------------------
 
 
-def validate(model: ReIDModel, loader, num_query: int, device: torch.device, prepared: Path) -> dict[str, float]:
+def validate(model: ReIDModel, loader: Iterable, num_query: int, prepared: Path) -> dict[str, float]:
     """mAP, mINP and Rank-1/5 on the validation split, by metrics.py's protocol code."""
     embeddings, pids, camids = features.extract_features(model, loader, progress=False)
     distances = metrics.embedding_distance(embeddings[:num_query], embeddings[num_query:]).numpy()
@@ -355,15 +355,14 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
 
 
 @torch.no_grad()
-def write_recon_grid(model: ReIDModel, records, img_size: tuple[int, int], device: torch.device, path: Path) -> None:
+def write_recon_grid(model: ReIDModel, records: Sequence[ImageRecord], img_size: tuple[int, int], device: torch.device,
+                     path: Path) -> None:
     """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions."""
     model.eval()
     transform = build_transforms(img_size, False)
     images = torch.stack([transform(load_image(r.path)) for r in records]).to(device)
     out = model(images)
-    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-    pixels = (torch.cat([out["recon_target"], out["recon"]]).float() * std + mean).clamp(0, 1)
+    pixels = to_pixels(torch.cat([out["recon_target"], out["recon"]]).float())
     grid = torchvision.utils.make_grid(pixels, nrow=len(records), padding=2, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
     save_image(Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")), path)
@@ -399,7 +398,7 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
         signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
@@ -556,8 +555,8 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
              run.world, run.result_dir / "config.json")
     if not args.resume and run.val_loader is not None:
         model.eval()
-        run.history.append({"epoch": 0, "step": 0, **validate(model, run.val_loader, run.num_query, run.device,
-                                                               args.data), **weight_record(run.balancer)})
+        untrained = validate(model, run.val_loader, run.num_query, args.data)
+        run.history.append({"epoch": 0, "step": 0, **untrained, **weight_record(run.balancer)})
         LOG.info("untrained: val mAP %.4f Rank-1 %.4f", run.history[0]["val_mAP"], run.history[0]["val_rank1"])
 
 
@@ -646,7 +645,7 @@ def end_epoch(run: Run, epoch: int) -> None:
            "images_per_s": run.images_seen / max(time.time() - run.started, 1e-9), **weight_record(run.balancer)}
     if run.val_loader is not None and (epoch % args.eval_every == 0 or epoch == args.epochs):
         model.eval()
-        row.update(validate(model, run.val_loader, run.num_query, run.device, args.data))
+        row.update(validate(model, run.val_loader, run.num_query, args.data))
     run.history.append(row)
     if run.writer:
         if run.val_loader is None or row.get("val_mAP", -1.0) > run.best["val_mAP"]:  # without validation, the last
@@ -688,7 +687,8 @@ def train(args: argparse.Namespace) -> dict:
                   run.writer)
 
 
-def finish(model, history, best, result_dir: Path, started: float, images_seen: int, world: int, writer: bool) -> dict:
+def finish(model: nn.Module, history: list[dict], best: dict, result_dir: Path, started: float, images_seen: int,
+           world: int, writer: bool) -> dict:
     """Write summary.json (in a distributed run, with every rank's parameter checksum) and return it."""
     summary = {"best_epoch": best["epoch"], "best_val_mAP": best["val_mAP"], "best_val_rank1": best.get("val_rank1"),
                "untrained_val_mAP": history[0].get("val_mAP") if history and history[0]["epoch"] == 0 else None,

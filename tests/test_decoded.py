@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
@@ -37,7 +38,7 @@ def test_decoded_images_equal_the_pil_test_transform(synthetic_prepared: Path):
     transform = build_transforms(size, False)
     expected = torch.stack([transform(Image.open(r.path).convert("RGB")) for r in records])
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
-    assert store.is_shared()
+    assert store.dtype == torch.uint8 and store.shape == (6, 3, *size)
 
 
 def edge_padded_crop(image: torch.Tensor, flip: bool, top: int, left: int) -> torch.Tensor:
@@ -144,6 +145,24 @@ def test_lighting_factors_stay_in_color_jitter_ranges_and_change_the_pixels():
                         factors, [0, 1, 2, 3])
     image = augment_batch(store, torch.tensor([0]), one, torch.Generator(), torch.device("cpu"))[0]
     torch.testing.assert_close(pixels_of(image), (store[0].float() * 1.2).clamp(max=255), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize(("factors", "reference"), [
+    ([1.0, 1.2, 1.0, 0.0], lambda x: TF.adjust_contrast(x, 1.2)),
+    ([1.0, 0.8, 1.0, 0.0], lambda x: TF.adjust_contrast(x, 0.8)),
+    ([1.0, 1.0, 1.2, 0.0], lambda x: TF.adjust_saturation(x, 1.2)),
+    ([1.0, 1.0, 0.8, 0.0], lambda x: TF.adjust_saturation(x, 0.8)),
+    ([1.0, 1.0, 1.0, 0.03], lambda x: TF.adjust_hue(x, 0.03)),
+    ([1.0, 1.0, 1.0, -0.03], lambda x: TF.adjust_hue(x, -0.03))])
+def test_each_lighting_factor_acts_as_color_jitter_does(factors: list[float], reference):
+    """Contrast, saturation and hue alone against torchvision's functions, which ColorJitter applies (hue as a
+    share of the colour circle, as ColorJitter takes it): within 0.01 of a grey level."""
+    store = torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    one = AugmentParams(torch.tensor([False]), torch.full((1, 2), PAD), torch.zeros(1, 4, dtype=torch.long),
+                        torch.tensor([factors]), [0, 1, 2, 3])
+    image = augment_batch(store, torch.tensor([0]), one, torch.Generator(), torch.device("cpu"))[0]
+    expected = reference(store[0].float() / 255) * 255
+    torch.testing.assert_close(pixels_of(image), expected, rtol=0, atol=0.01)
 
 
 def test_a_resumed_epoch_draws_the_same_batches(synthetic_prepared: Path):

@@ -177,9 +177,11 @@ def check_mined_pairs(labels: torch.Tensor, z: torch.Tensor) -> None:
     assert same == [t == 1.0 for t in target.tolist()]
     assert len(chosen_pos) == len(chosen_neg) == min(len(all_pos), len(all_neg))
     assert len(set(chosen_neg)) == len(chosen_neg)
+    dist = torch.cdist(z, z)
     if len(all_pos) <= len(all_neg):
         assert chosen_pos == all_pos
-    dist = torch.cdist(z, z)
+    elif chosen_pos:  # the farthest positives are kept
+        assert min(dist[i, j] for i, j in chosen_pos) >= max(dist[i, j] for i, j in all_pos - chosen_pos) - 1e-5
     hard = chosen_neg[:(len(chosen_neg) + 1) // 2]  # the closest half (rounded up) first, the rest at random
     others = all_neg - set(hard)
     if hard and others:
@@ -254,12 +256,15 @@ def test_total_is_the_weighted_sum_of_each_term():
     total, terms = total_loss(out, LABELS, weights, model, margin=0.2, label_smoothing=0.05)
     torch.manual_seed(3)
     idx_i, idx_j, target = mine_pairs(LABELS, out["z"])
-    expected = {
-        "triplet": batch_hard_triplet(out["z"], LABELS, 0.2),
-        "id": identity_loss(out["logits"], LABELS, 0.05),
-        "kl": kl_normal(out["mu"], out["logvar"]),
-        "reconstruction": reconstruction_loss(out["recon"], out["recon_target"]),
-        "bce": siamese_bce(model.verify(out["z"][idx_i], out["z"][idx_j]), target),
+    z, mu, logvar = out["z"].detach(), out["mu"].detach(), out["logvar"].detach()
+    posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    pair_logits = model.verify(out["z"][idx_i], out["z"][idx_j]).detach()
+    expected = {  # each from its definition, apart from the loss module
+        "triplet": torch.tensor(brute_force_triplet(z, LABELS.tolist(), 0.2)),
+        "id": F.cross_entropy(out["logits"].detach(), LABELS, label_smoothing=0.05),
+        "kl": torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).sum(1).mean(),
+        "reconstruction": ((out["recon"].detach() - out["recon_target"]) ** 2).mean(),
+        "bce": F.binary_cross_entropy(torch.sigmoid(pair_logits), target),
     }
     assert set(terms) == set(expected)
     for name, value in expected.items():
@@ -287,8 +292,9 @@ def test_terms_the_autoencoder_cannot_give_are_skipped():
     weights = LossWeights(triplet=1, id=1, kl=1, reconstruction=1, sparsity=1, bce=0)
     total, terms = total_loss(out, LABELS, weights, Verifier(6))
     assert set(terms) == {"triplet", "id"}
+    assert total.item() == pytest.approx((terms["triplet"] + terms["id"]).item())
     total.backward()
-    assert out["z"].grad is not None
+    assert out["z"].grad is not None and out["z"].grad.abs().sum() > 0
 
 
 def test_sparsity_modes_apply_to_the_sparse_code():
@@ -297,7 +303,9 @@ def test_sparsity_modes_apply_to_the_sparse_code():
     weights = LossWeights(triplet=0, id=0, sparsity=1)
     _, kl_terms = total_loss(out, LABELS, weights, None, sparsity_target=0.1, sparsity_mode="kl")
     _, l1_terms = total_loss(out, LABELS, weights, None, sparsity_mode="l1")
-    assert kl_terms["sparsity"].item() == pytest.approx(sparsity_kl(out["sparse_code"], 0.1).item())
+    rho_hat = out["sparse_code"].detach().mean(0)
+    expected_kl = (0.1 * torch.log(0.1 / rho_hat) + 0.9 * torch.log(0.9 / (1 - rho_hat))).sum()
+    assert kl_terms["sparsity"].item() == pytest.approx(expected_kl.item(), rel=1e-5)
     assert l1_terms["sparsity"].item() == pytest.approx(out["sparse_code"].sum(1).mean().item())
     with pytest.raises(ValueError, match="kl or l1"):
         total_loss(out, LABELS, weights, None, sparsity_mode="l2")
