@@ -500,6 +500,20 @@ def test_corrupt_grid_writes_json_heat_map_and_table(tiny_run: Path, tmp_path: P
     assert set(grid) == {"fog", "rain"} and all(set(row) == {"1", "5"} for row in grid.values())
     table = (tmp_path / "robustness.md").read_text()
     assert "| fog |" in table and "| rain |" in table and (tmp_path / "robustness.png").stat().st_size > 0
+    # a cell is the evaluation with that corruption and severity alone
+    single = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt", "fog",
+                              "--severity", "5", "--out", str(tmp_path / "single")])
+    assert grid["fog"]["5"]["mAP"] == pytest.approx(single["corrupted"]["fog|s=5|seed=0"]["mAP"])
+
+
+def test_the_grid_table_holds_each_cell_and_the_means():
+    from robustness import grid_markdown
+
+    grid = {"fog": {"1": {"mAP": 0.5}, "5": {"mAP": 0.1}}, "rain": {"1": {"mAP": 0.7}, "5": {"mAP": 0.3}}}
+    lines = grid_markdown(grid, 0.8, "# t").splitlines()
+    assert lines[2] == "Clean mAP 80.0%."
+    assert lines[4:] == ["| corruption | s1 | s5 | mean |", "|---|---|---|---|", "| fog | 50.0 | 10.0 | 30.0 |",
+                         "| rain | 70.0 | 30.0 | 50.0 |", "| **mean** | 60.0 | 20.0 | 40.0 |"]
 
 
 def test_the_grid_takes_severity_with_or_without_corrupt():

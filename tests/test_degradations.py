@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 
 import pytest
 import torch
@@ -70,6 +71,18 @@ def test_sampled_blocks_lie_inside_the_image_with_areas_in_range():
     area = (block["height"] * block["width"]).float() / (64 * 32)
     assert 0.07 < float(area.min()) and float(area.max()) < 0.36  # 0.1 to 0.3, rounded to whole pixels
     assert ((block["colour"] >= 0) & (block["colour"] <= 1)).all()
+
+
+def test_sampled_lighting_lies_in_its_ranges_and_gamma_is_log_uniform():
+    # Gain uniform in 0.6..1.4, a cast a channel uniform in 0.85..1.15, γ log-uniform in 0.6..1.6: log γ uniform,
+    # so its median is √(0.6·1.6) = 0.980 where a uniform γ's would be 1.1.
+    light = degradations.sample_light(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    gain, gamma, cast = light["gain"], light["gamma"], light["cast"]
+    assert gain.shape == gamma.shape == (20000,) and cast.shape == (20000, 3)
+    assert 0.6 <= float(gain.min()) and float(gain.max()) <= 1.4 and abs(float(gain.mean()) - 1.0) < 0.01
+    assert 0.85 <= float(cast.min()) and float(cast.max()) <= 1.15 and abs(float(cast.mean()) - 1.0) < 0.01
+    assert 0.6 <= float(gamma.min()) and float(gamma.max()) <= 1.6
+    assert float(gamma.median()) == pytest.approx(math.sqrt(0.6 * 1.6), abs=0.01)
 
 
 def test_degrade_keeps_unchosen_images_bit_for_bit_and_is_seeded():
