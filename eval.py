@@ -62,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Evaluate as the flags say: results.json, cmc.png (and the verification and robustness files) in the output
+    folder, the figures logged; returns the report."""
     args = parse_args(argv)
     setup_logging()
     out = output_dir(args)
@@ -96,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json(out / "results.json", report)
     plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
             f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)
+    log_report(report, args, prepared)
+    LOG.info("results in %s", out / "results.json")
+    return report
+
+
+def log_report(report: dict, args: argparse.Namespace, prepared: Path) -> None:
+    """The report's figures as eval.py prints them: the split, clean (and corrupted) ranking, the Siamese head."""
+    settings = report["model"]
     LOG.info("%s + %s on %s (%d queries, %d skipped, %d gallery)%s%s%s", settings["backbone"], settings["ae"],
              args.split, report["num_query"], report["num_skipped_queries"], report["num_gallery"],
              ", flip" if args.flip else "", ", AQE" if args.aqe else "", ", re-ranked" if args.rerank else "")
@@ -104,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  report["data"]["trained_on"]["root"], report["data"]["evaluated_on"]["name"], prepared)
     if "corrupted" in report:
         key, corrupted_figures = next(iter(report["corrupted"].items()))
-        LOG.info("%s", side_by_side(clean, corrupted_figures, key))
+        LOG.info("%s", side_by_side(report, corrupted_figures, key))
     else:
-        LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * result["mAP"], 100 * result["mINP"])
+        LOG.info("  mAP     %6.2f%%\n  mINP    %6.2f%%", 100 * report["mAP"], 100 * report["mINP"])
         for k in (1, 5, 10):
             if f"rank{k}" in report:
                 LOG.info("  Rank-%-2d %6.2f%%", k, 100 * report[f"rank{k}"])
@@ -114,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         v = report["verification"]
         LOG.info("  Siamese head on %d pairs: accuracy %.2f%%, F1 %.3f, ROC AUC %.3f, PR AUC %.3f", v["pairs"],
                  100 * v["accuracy"], v["f1"], v["roc_auc"], v["pr_auc"])
-    LOG.info("results in %s", out / "results.json")
-    return report
 
 
 if __name__ == "__main__":
