@@ -8,8 +8,10 @@ python bench/data_pipeline.py --preset hard      # another preset of synthetic.p
 The training loader is timed over the same P×K batches at --img-size (default 256×128) both ways: `pil`, the
 images decoded and augmented one by one in --workers processes (train_loader), and `batched`, the set decoded once
 into one uint8 tensor (decoded.decode_records, its seconds reported apart) and augmented a batch at a time in as
-many torch threads. Besides images/s it reports CPU seconds an image (the processes' user + system time, workers
-included), which a busy shared machine inflates less than wall time.
+many torch threads. The two take turns for --rounds rounds (default 3; each round starts with the other one, as the
+host's speed drifts); each figure is its median round, the ratio the median of the rounds' ratios. Besides images/s
+it reports CPU seconds an image (the processes' user + system time, workers included), which a busy shared machine
+inflates less than wall time.
 
 The transforms are timed against bare decoding (open, decode, RGB) of the same images, so the ratio says what
 augmentation costs. The set is also scored by a raw-pixel nearest-neighbour baseline (flattened pixels, each
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -106,24 +109,34 @@ def batches_per_second(make_loader, sampler: PKSampler, batches: int) -> tuple[f
     return batches / wall, (cpu_seconds() - cpu_start) / batches
 
 
-def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int) -> dict[str, float]:
-    """The training loader's images/s and CPU seconds an image, --loader pil against the decoded tensor's."""
+def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int, rounds: int) -> dict[str, float]:
+    """The training loader's images/s and CPU seconds an image, --loader pil against the decoded tensor's: the
+    two take turns for `rounds` rounds (each round starting with the other), each figure its median round and the
+    ratio the median of the rounds' ratios."""
     sampler = PKSampler([r.label for r in records], 16, 4, seed=0)
     batch = 16 * 4
-    pil_rate, pil_cpu = batches_per_second(
-        lambda: train_loader(records, build_transforms(img_size, True), sampler, workers), sampler, batches)
-    torch.set_num_threads(max(1, workers))  # the same cores as the workers had
+    torch.set_num_threads(max(1, workers))  # the same cores as the workers have
     cpu_start, start = cpu_seconds(), time.perf_counter()
     store = decode_records(records, img_size, workers, torch.device("cpu"), progress=False)
     decode_s, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    rate, cpu = batches_per_second(
-        lambda: DecodedTrainLoader(store, records, sampler, 0.5, False, torch.device("cpu")), sampler, batches)
+    ways = {"pil": (1, lambda: train_loader(records, build_transforms(img_size, True), sampler, workers)),
+            "batched": (max(1, workers), lambda: DecodedTrainLoader(store, records, sampler, 0.5, False,
+                                                                    torch.device("cpu")))}
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    for round_ in range(rounds):
+        for name in (("pil", "batched") if round_ % 2 == 0 else ("batched", "pil")):
+            threads, make_loader = ways[name]
+            torch.set_num_threads(threads)
+            measured[name].append(batches_per_second(make_loader, sampler, batches))
     torch.set_num_threads(1)
-    return {"img_size": list(img_size), "workers": workers, "loader_images": batches * batch,
+    (pil_rate, pil_cpu), (rate, cpu) = ((statistics.median(m[0] for m in measured[name]),
+                                         statistics.median(m[1] for m in measured[name])) for name in ways)
+    ratios = [b[0] / p[0] for p, b in zip(measured["pil"], measured["batched"], strict=True)]
+    return {"img_size": list(img_size), "workers": workers, "loader_images": batches * batch, "rounds": rounds,
             "pil_images_per_s": pil_rate * batch, "pil_cpu_ms_per_image": 1e3 * pil_cpu / batch,
             "batched_images_per_s": rate * batch, "batched_cpu_ms_per_image": 1e3 * cpu / batch,
             "decode_once_s": decode_s, "decode_once_cpu_s": decode_cpu, "decoded_images": len(records),
-            "batched_over_pil": rate / pil_rate}
+            "batched_over_pil": statistics.median(ratios), "batched_over_pil_each_round": ratios}
 
 
 def main() -> None:
@@ -137,7 +150,8 @@ def main() -> None:
                         help="the training loaders' input size")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="pil's loader processes, and the batched path's torch threads (default: the cores)")
-    parser.add_argument("--batches", type=int, default=40, help="16×4 batches each training loader draws")
+    parser.add_argument("--batches", type=int, default=40, help="16×4 batches each training loader draws a round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the two loaders, taking turns")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view
@@ -152,7 +166,7 @@ def main() -> None:
         train_rate = images_per_second(ReIDDataset(records, build_transforms(tuple(args.size), True)), args.images)
         test_rate = images_per_second(ReIDDataset(records, build_transforms(tuple(args.size), False)), args.images)
         baseline = pixel_baseline(Path(folder), tuple(args.size))
-        loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches)
+        loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches, args.rounds)
     decode_rate = args.images / decode_s
     figures = {"preset": args.preset, "size": list(args.size), "generated_images": generated, "generate_s": generate_s,
                "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
@@ -169,11 +183,13 @@ def main() -> None:
           f"{100 * baseline['pixel_rank1']:.1f}% ({baseline['queries']} queries, {baseline['gallery']} gallery)")
     print(f"  chance (random distances)       mAP {100 * baseline['chance_mAP']:.1f}%, Rank-1 "
           f"{100 * baseline['chance_rank1']:.1f}%")
-    print(f"training loader, 16×4 batches at {args.img_size[0]}×{args.img_size[1]}, {args.workers} workers or threads")
+    print(f"training loader, 16×4 batches at {args.img_size[0]}×{args.img_size[1]}, {args.workers} workers or threads, "
+          f"median of {args.rounds} rounds in turns")
     print(f"  pil (decode + transforms a sample) {loaders['pil_images_per_s']:8.0f} images/s  "
           f"{loaders['pil_cpu_ms_per_image']:.2f} CPU ms an image")
     print(f"  batched (decoded tensor)           {loaders['batched_images_per_s']:8.0f} images/s  "
-          f"{loaders['batched_cpu_ms_per_image']:.2f} CPU ms an image  ({loaders['batched_over_pil']:.1f}× pil)")
+          f"{loaders['batched_cpu_ms_per_image']:.2f} CPU ms an image  ({loaders['batched_over_pil']:.1f}× pil; "
+          f"rounds {', '.join(f'{r:.1f}' for r in loaders['batched_over_pil_each_round'])})")
     print(f"  decoding once                      {loaders['decoded_images']} images in "
           f"{loaders['decode_once_s']:.1f} s "
           f"({loaders['decode_once_cpu_s']:.1f} CPU s)")
