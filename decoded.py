@@ -20,6 +20,7 @@ import kornia.enhance
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import (
@@ -295,7 +296,8 @@ class DecodedEvalLoader:
 
 
 def training_loader(kind: str, records: Sequence[ImageRecord], sampler: PKSampler, img_size: tuple[int, int],
-                    erasing: float, lighting: bool, workers: int, device: torch.device, progress: bool = True):
+                    erasing: float, lighting: bool, workers: int, device: torch.device,
+                    progress: bool = True) -> DecodedTrainLoader | DataLoader:
     """--loader tensor's decoded loader where the set fits (else, with a message, pil's), or pil's train_loader."""
     store = decoded_or_none(records, img_size, workers, device, "training", progress) if kind == "tensor" else None
     if store is None:
@@ -304,7 +306,7 @@ def training_loader(kind: str, records: Sequence[ImageRecord], sampler: PKSample
 
 
 def evaluation_loader(kind: str, records: Sequence[ImageRecord], img_size: tuple[int, int], batch_size: int,
-                      workers: int, device: torch.device, progress: bool = True):
+                      workers: int, device: torch.device, progress: bool = True) -> DecodedEvalLoader | DataLoader:
     """Evaluation batches from a decoded cache (--loader tensor, where it fits), or from eval_loader's workers."""
     store = decoded_or_none(records, img_size, workers, device, "evaluation", progress) if kind == "tensor" else None
     if store is None:

@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from utils import (
     setup_logging,
     write_json,
 )
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 class EmbeddingNetwork(nn.Module):
@@ -63,7 +67,7 @@ def onnx_bytes(model: ReIDModel, opset: int = 17) -> bytes:
     return buffer.getvalue()
 
 
-def onnx_session(data: bytes, threads: int | None = None):
+def onnx_session(data: bytes, threads: int | None = None) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of ONNX bytes (`threads` intra-op threads, else onnxruntime's default)."""
     import onnxruntime
 

@@ -7,7 +7,7 @@ import argparse
 import hashlib
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +59,7 @@ def embed_batch(model: ReIDModel, images: torch.Tensor, flip: bool = False) -> t
 
 
 @torch.no_grad()
-def extract_features(model, loader, flip: bool = False,
+def extract_features(model: ReIDModel, loader: Iterable, flip: bool = False,
                      progress: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Embeddings of every image a record loader yields, with the person ids and cameras (train.py's validation)."""
     model.eval()

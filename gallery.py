@@ -8,6 +8,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from features import embedding_batches, model_fingerprint
 from metrics import JUNK_PID, pairwise_distance
 from model import ReIDModel
 from utils import LOG, UserError, read_npz_cache, write_npz_cache
+
+if TYPE_CHECKING:
+    import faiss
 
 UNLABELLED = -2  # identity and camera of a file whose name is not Market-style
 INDEXES = ("exact", "faiss", "faiss-ivf")
@@ -143,7 +147,8 @@ def exact_topk(query: dict, gallery: dict, k: int, metric: str, query_chunk: int
     return best_i, best_d
 
 
-def faiss_index(features: np.ndarray, metric: str, kind: str, nlist: int, nprobe: int, chunk: int = 65536):
+def faiss_index(features: np.ndarray, metric: str, kind: str, nlist: int, nprobe: int,
+                chunk: int = 65536) -> faiss.Index:
     """A faiss index of unit-length embeddings: exact (IndexFlat) or inverted lists (IVF, `nlist` cells, `nprobe`
     searched); inner product for cosine, squared L2 for euclidean, the distances exact_topk computes."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its search for CPU-specific builds is noise
@@ -174,7 +179,7 @@ def left_out_counts(query: dict, gallery: dict) -> np.ndarray:
                                         strict=True)])
 
 
-def faiss_topk(index, query: dict, gallery: dict, k: int, metric: str,
+def faiss_topk(index: faiss.Index, query: dict, gallery: dict, k: int, metric: str,
                query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """exact_topk's answer from a faiss index: k plus the left-out count searched, the left-out dropped."""
     qf = normalised(query["features"]).numpy()

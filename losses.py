@@ -3,6 +3,7 @@ and the balancing of its weights (fixed, learned uncertainty, GradNorm)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -261,7 +262,8 @@ class LossBalancer(nn.Module):
         weights = self.weights.detach() if self.mode == "gradnorm" else self.prior  # GradNorm trains w apart
         return (weights * losses).sum()
 
-    def gradnorm_grad(self, terms: dict[str, Tensor], shared: Tensor, average=_same) -> Tensor:
+    def gradnorm_grad(self, terms: dict[str, Tensor], shared: Tensor,
+                      average: Callable[[Tensor], Tensor] = _same) -> Tensor:
         """The gradient of GradNorm's loss in the weights; `average` makes L₀ and the gradient agree across ranks."""
         losses = self.stack(terms).detach()
         unset = ~self.initial_losses.any()  # L₀ is taken at the first step, chosen on the device with no wait

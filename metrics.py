@@ -40,7 +40,8 @@ def positions_in_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.n
     return np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts), counts
 
 
-def padded(rows: np.ndarray, pos: np.ndarray, values: np.ndarray, num_rows: int, width: int, fill) -> np.ndarray:
+def padded(rows: np.ndarray, pos: np.ndarray, values: np.ndarray, num_rows: int, width: int,
+           fill: float) -> np.ndarray:
     """Row-grouped entries laid out as a (rows × width) array, the gaps filled."""
     out = np.full((num_rows, max(width, 1)), fill, dtype=values.dtype)
     out[rows, pos] = values

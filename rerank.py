@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from tqdm import tqdm
 
 from metrics import distance_from_products
@@ -274,13 +275,13 @@ def scaled_pair_distances(unit: torch.Tensor, sq: torch.Tensor, metric: str, nei
     return out
 
 
-def as_features(qf, gf, device: torch.device | str | None) -> torch.Tensor:
+def as_features(qf: ArrayLike, gf: ArrayLike, device: torch.device | str | None) -> torch.Tensor:
     """Query and gallery embeddings (NumPy or torch) stacked as one float32 tensor on `device`."""
     return torch.cat([torch.as_tensor(qf), torch.as_tensor(gf)]).float().to(device or "cpu")
 
 
-def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, metric: str = "euclidean",
-                        device: torch.device | str | None = None, chunk_size: int = 2048,
+def re_ranking_features(qf: ArrayLike, gf: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                        metric: str = "euclidean", device: torch.device | str | None = None, chunk_size: int = 2048,
                         progress: bool = False) -> np.ndarray:
     """k-reciprocal re-ranking from query and gallery embeddings, equal to `re_ranking` on the matrices of
     `embedding_distance` (L2-normalised, then squared Euclidean or cosine), without any n × n matrix."""
@@ -293,7 +294,8 @@ def re_ranking_features(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
                                   progress).cpu().numpy()
 
 
-def average_query_expansion(qf, gf, k: int = 5, alpha: float = 3.0, device: torch.device | str | None = None,
+def average_query_expansion(qf: ArrayLike, gf: ArrayLike, k: int = 5, alpha: float = 3.0,
+                            device: torch.device | str | None = None,
                             chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """α-weighted average query expansion (fast-reid's `aqe`, once): each query and gallery embedding becomes
     the mean of its k most cosine-similar among both sets (itself included), weighted by max(similarity, 0)^α."""

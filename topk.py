@@ -31,7 +31,7 @@ import features
 import gallery
 from datasets import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupted_image, corruption_draw, load_image
 from metrics import protocol_masks
-from model import build_trained
+from model import ReIDModel, build_trained
 from utils import (
     LOG,
     UserError,
@@ -58,7 +58,7 @@ SELF, SAME_CAMERA, JUNK = "the query itself", "same camera", "junk"
 
 
 @torch.no_grad()
-def verifier_probabilities(model, qf: np.ndarray, gf: np.ndarray, device: torch.device,
+def verifier_probabilities(model: ReIDModel, qf: np.ndarray, gf: np.ndarray, device: torch.device,
                            pairs_per_chunk: int = 1 << 18) -> np.ndarray:
     """Same-person probability by the Siamese head for every query × gallery pair."""
     gallery = torch.from_numpy(gf).to(device)
@@ -213,7 +213,7 @@ def ranking(inputs: features.EvaluationInputs, args: argparse.Namespace, cache_d
     return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
 
 
-def shown_image(path: Path, corruption: CorruptionSettings | None, side: int, index: int):
+def shown_image(path: Path, corruption: CorruptionSettings | None, side: int, index: int) -> Image.Image:
     """An image as the model saw it: with its drawn corruption when --corrupt is given."""
     draw = None if corruption is None else corruption_draw(corruption, side, index)
     return corrupted_image(load_image(str(path)), draw)
@@ -284,7 +284,8 @@ def split_topk(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def folder_side(model, settings: dict, files: list[Path], args: argparse.Namespace, cache: Path | None) -> dict:
+def folder_side(model: ReIDModel, settings: dict, files: list[Path], args: argparse.Namespace,
+                cache: Path | None) -> dict:
     """Embeddings, display names, resolved paths and Market labels of the readable files of one side."""
     found = gallery.gallery_features(model, settings, files, cache, args.batch_size, args.workers, args.flip)
     kept = [Path(f) for f in found["files"]]

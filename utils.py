@@ -12,9 +12,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used, so that light scripts start fast
+    import matplotlib.figure
+    import torch
+    from PIL import Image
 
 LOG = logging.getLogger("reid")
 
@@ -152,7 +157,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str):
+def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; otherwise the named device, checked to exist."""
     import torch
 
@@ -305,7 +310,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: str | Path, title: str,
     save_figure(fig, path)
 
 
-def save_figure(fig, path: str | Path) -> None:
+def save_figure(fig: matplotlib.figure.Figure, path: str | Path) -> None:
     """A matplotlib figure as a PNG at 100 dpi, written atomically; the figure is closed."""
     import matplotlib.pyplot as plt
 
@@ -336,7 +341,7 @@ def plot_xy(x: np.ndarray, y: np.ndarray, path: Path, title: str, xlabel: str, y
     save_figure(fig, path)
 
 
-def save_image(image, path: str | Path) -> None:
+def save_image(image: Image.Image, path: str | Path) -> None:
     """A PIL image as a PNG, written atomically."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
