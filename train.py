@@ -59,6 +59,7 @@ from utils import (
     normalise_flag_spelling,
     part_file,
     plot_curves,
+    read_json,
     resolve_device,
     run_script,
     save_image,
@@ -330,13 +331,22 @@ def locked_value(name: str, value: str) -> str:
     return str(Path(value).absolute()) if name == "data" else value
 
 
+def saved_flags(state: dict, config_path: Path) -> dict[str, str]:
+    """The locked flags a checkpoint's run was started with: as the checkpoint records them; a flag an older
+    checkpoint does not record, as the run's config.json does; one neither records, at the value runs had before the
+    flag existed (today's default, or ABSENT_FLAGS')."""
+    recorded = read_json(config_path).get("flags", {}) if config_path.is_file() else {}
+    defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
+    return {k: state["flags"][k] if k in state["flags"] else str(recorded[k]) if k in recorded else defaults[k]
+            for k in RESUME_LOCKED}
+
+
 def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
     """Load a checkpoint into the run's model, loss weights, optimiser, scheduler and this rank's generators; refuse
-    one made with other model, data or training flags (a flag older checkpoints lack is taken to be at its default)."""
+    one made with other model, data or training flags (saved_flags)."""
     args, model, balancer, optimizer, scheduler = run.args, run.model, run.balancer, run.optimizer, run.scheduler
     state = load_torch(path)
-    defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
-    saved = {k: state["flags"].get(k, defaults[k]) for k in RESUME_LOCKED}
+    saved = saved_flags(state, path.parent / "config.json")
     changed = [k for k in RESUME_LOCKED if locked_value(k, saved[k]) != locked_value(k, str(getattr(args, k)))]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {saved[k]}" for k in changed)

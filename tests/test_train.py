@@ -196,6 +196,18 @@ def test_resume_refuses_changed_training_flags(changed: list[str], message: str,
         train.main([*flags, *changed, "--resume"])
 
 
+def test_a_checkpoint_that_does_not_record_a_flag_is_checked_against_config_json(learnable: Path, tmp_path: Path):
+    """Checkpoints from before the learning rates were locked do not record them; the run's config.json does."""
+    flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "r"), "--lr", "1e-3", *TINY]
+    train.main([*flags, "--max-steps", "1"])
+    state = load_torch(tmp_path / "r" / "checkpoint.pt")
+    del state["flags"]["lr"]
+    torch.save(state, tmp_path / "r" / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"--lr was 0.001\)"):
+        train.main([*flags[:-len(TINY) - 2], *TINY, "--resume", "--max-steps", "2"])
+    assert train.main([*flags, "--resume", "--max-steps", "2"]) == {"stopped_at_step": 2}
+
+
 def test_resume_at_max_steps_trains_nothing_more(learnable: Path, tmp_path: Path):
     flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "r"), "--max-steps", "2",
              *TINY]
