@@ -78,7 +78,7 @@ RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
                  "beta", "embedding", *LOSS_TERMS, "margin", "label_smoothing", "sparsity_target", "sparsity_mode",
                  "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
-                 "warmup_epochs", "erasing", "lighting", "loader")
+                 "warmup_epochs", "erasing", "lighting")
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
 ABSENT_FLAGS = {"degraded_views": "False"}
 
@@ -297,7 +297,7 @@ def checkpoint_state(run: Run, epoch: int, batch: int, rng: list[dict]) -> dict:
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "epoch": epoch, "batch": batch, "step": run.step, "history": run.history, "best": run.best,
             "meters": {name: [m.total, m.count] for name, m in (run.meters if batch else {}).items()},
-            "flags": {k: str(getattr(run.args, k)) for k in RESUME_LOCKED}, "rng": rng}
+            "flags": {k: str(getattr(run.args, k)) for k in (*RESUME_LOCKED, "loader")}, "rng": rng}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -315,8 +315,14 @@ def gathered_rng_states(device: torch.device, world: int) -> list[dict]:
 
 
 def restore_rng(state: dict, rank: int, world: int, device: torch.device) -> None:
-    """This rank's generators as the checkpoint saved them (a checkpoint of another world size: the last rank's)."""
-    saved = state.get("rng") or [{"cpu": state["rng_cpu"], "cuda": None}]  # older checkpoints: rank 0's CPU state
+    """This rank's generators as the checkpoint saved them (a checkpoint of another world size: the last rank's;
+    an older checkpoint's rank-0 view for every rank, as those were restored)."""
+    if "rng" in state:
+        saved = state["rng"]
+    else:
+        devices = state["rng_cuda"]
+        cuda = devices[device.index or 0] if device.type == "cuda" and len(devices) > (device.index or 0) else None
+        saved = [{"cpu": state["rng_cpu"], "cuda": cuda}] * world
     if len(saved) != world:
         LOG.warning("--resume: the run was saved by %d processes and resumes in %d; its random draws will differ "
                     "from an uninterrupted run's", len(saved), world)
@@ -347,6 +353,9 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
     args, model, balancer, optimizer, scheduler = run.args, run.model, run.balancer, run.optimizer, run.scheduler
     state = load_torch(path)
     saved = saved_flags(state, path.parent / "config.json")
+    if state["flags"].get("loader", args.loader) != args.loader:
+        LOG.warning("--resume: the run trained with --loader %s and continues with %s; its batches are augmented "
+                    "by another stream from here", state["flags"]["loader"], args.loader)
     changed = [k for k in RESUME_LOCKED if locked_value(k, saved[k]) != locked_value(k, str(getattr(args, k)))]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {saved[k]}" for k in changed)
@@ -618,11 +627,12 @@ def non_finite_what(values: dict[str, float], epoch: int, read: LossRead) -> str
     return f"loss {where}: term '{name}' = {values[name]}"
 
 
-def buffers_finite(run: Run) -> bool:
-    """Whether every floating-point buffer (batch norm's running statistics, GradNorm's L₀) is finite on every rank."""
-    buffers = [b for part in (run.model, run.balancer) for b in part.buffers() if b.is_floating_point()]
-    finite = torch.stack([torch.isfinite(b).all() for b in buffers]).all()
-    return not any_rank((~finite).float()).item()
+def non_finite_buffers(run: Run) -> list[str]:
+    """The floating-point buffers (batch norm's running statistics, GradNorm's L₀) not finite on some rank."""
+    named = [(prefix + name, buffer) for prefix, part in (("", run.model), ("balancer.", run.balancer))
+             for name, buffer in part.named_buffers() if buffer.is_floating_point()]
+    flags = any_rank(torch.stack([(~torch.isfinite(buffer).all()).float() for _, buffer in named]))
+    return [name for (name, _), bad in zip(named, flags.tolist(), strict=True) if bad]
 
 
 def settle(run: Run, read: LossRead | None, epoch: int) -> bool:
@@ -636,9 +646,13 @@ def settle(run: Run, read: LossRead | None, epoch: int) -> bool:
         run.step = read.step
         rewind_schedule(run.scheduler, read.step)
         what = non_finite_what(values, epoch, read)
-        if not buffers_finite(run):
-            raise UserError(f"non-finite {what}; the update was skipped, but batch norm's running statistics went "
-                            f"non-finite too, so no checkpoint was written (--resume continues from the last one)")
+        bad = non_finite_buffers(run)
+        if bad:
+            others = f" and {len(bad) - 1} other buffers" if len(bad) > 1 else ""
+            last = (f"--resume continues from the last one, {run.checkpoint_path}" if run.checkpoint_path.exists()
+                    else "none was saved before it, so the run has to start again")
+            raise UserError(f"non-finite {what}; the update was skipped, but {bad[0]}{others} went non-finite too, "
+                            f"so no checkpoint was written ({last})")
         run.save_checkpoint(epoch, read.batch)
         raise UserError(f"non-finite {what}; the update was skipped and the last good state is in "
                         f"{run.checkpoint_path}")

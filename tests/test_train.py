@@ -186,7 +186,7 @@ def test_a_checkpoint_from_before_degraded_views_resumes_without_them(learnable:
 
 @pytest.mark.parametrize(("changed", "message"), [
     (["--bce", "0"], "--bce was 1.0"), (["--lr", "1e-3"], "--lr was 0.00035"),
-    (["--erasing", "0"], "--erasing was 0.5"), (["--loader", "pil"], "--loader was tensor")])
+    (["--erasing", "0"], "--erasing was 0.5")])
 def test_resume_refuses_changed_training_flags(changed: list[str], message: str, learnable: Path, tmp_path: Path):
     """Loss weights, learning rates, schedule and augmentation are the run's too: resuming with others would train
     a mix of two runs (or, for the loss terms, fail deep inside loading), so the flag is named."""
@@ -194,6 +194,16 @@ def test_resume_refuses_changed_training_flags(changed: list[str], message: str,
     train.main([*flags, "--max-steps", "1"])
     with pytest.raises(UserError, match=rf"the run was started with other flags \({message}\)"):
         train.main([*flags, *changed, "--resume"])
+
+
+def test_resume_with_another_loader_warns_and_continues(learnable: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture):
+    """The loader a run gets depends on free memory (the tensor set falls back to pil), so another one on resume
+    is not refused, only named: its augmentation stream differs from there on."""
+    flags = ["--data", str(learnable), "--epochs", "1", "--result-dir", str(tmp_path / "r"), *TINY]
+    train.main([*flags, "--max-steps", "1"])
+    assert train.main([*flags, "--loader", "pil", "--resume", "--max-steps", "2"]) == {"stopped_at_step": 2}
+    assert "the run trained with --loader tensor and continues with pil" in caplog.text
 
 
 def test_a_checkpoint_that_does_not_record_a_flag_is_checked_against_config_json(learnable: Path, tmp_path: Path):
@@ -286,8 +296,9 @@ def test_a_non_finite_batch_norm_statistic_keeps_the_last_checkpoint(learnable: 
         return real(self, images * float("nan") if calls["n"] == 3 else images)
 
     monkeypatch.setattr(trainstep.TrainStep, "views", poisoned)
-    with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): .*batch norm's running "
-                                        r"statistics went non-finite too, so no checkpoint was written"):
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): .*but backbone\.bn1\."
+                                        r"running_mean and \d+ other buffers went non-finite too, so no checkpoint "
+                                        r"was written \(--resume continues from the last one"):
         train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
                     "--checkpoint-every", "1", "--no-degraded-views", *TINY])
     saved = load_torch(tmp_path / "r" / "checkpoint.pt")
