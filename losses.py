@@ -33,6 +33,8 @@ def batch_hard_triplet(z: Tensor, labels: Tensor, margin: float = 0.3) -> Tensor
     Margin 0 means the soft margin softplus(d_ap − d_an). Anchors alone in their identity, or in a batch of
     one identity, are left out.
     """
+    if margin < 0:
+        raise ValueError(f"margin {margin}: expected 0 (the soft margin) or a positive margin")
     dist = pairwise_distances(z)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
@@ -62,10 +64,11 @@ def reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:
 
 
 def sparsity_kl(code: Tensor, target: float = 0.05) -> Tensor:
-    """Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch-mean activation of unit j (code in (0, 1))."""
-    rho_hat = code.mean(0).clamp(RHO_EPS, 1 - RHO_EPS)
-    rho = target
-    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    """Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch-mean activation of unit j (code in (0, 1)), in float32 at least (bf16 would
+    round the clamp's 1 − 10⁻⁶ to 1); 0·log 0 = 0, so ρ may be 0 or 1."""
+    rho_hat = code.to(torch.promote_types(code.dtype, torch.float32)).mean(0).clamp(RHO_EPS, 1 - RHO_EPS)
+    rho = torch.tensor(target, dtype=rho_hat.dtype, device=rho_hat.device)
+    return (torch.xlogy(rho, rho / rho_hat) + torch.xlogy(1 - rho, (1 - rho) / (1 - rho_hat))).sum()
 
 
 def sparsity_l1(code: Tensor) -> Tensor:
@@ -235,6 +238,8 @@ class LossBalancer(nn.Module):
         self.register_buffer("prior", torch.tensor(list(prior.values()), dtype=torch.float32))
         if mode == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(prior)))
+        # The KL's β at this step (TrainStep sets it): the scale of the KL gradient the network receives.
+        self.kl_scale = 1.0
         if mode == "gradnorm":
             self.weights = nn.Parameter(renormalise(self.prior.clone()))
             # L₀ of each term, measured at the first step; zeros until then. Kept in the state for --resume.
@@ -268,7 +273,10 @@ class LossBalancer(nn.Module):
         losses = self.stack(terms).detach()
         unset = ~self.initial_losses.any()  # L₀ is taken at the first step, chosen on the device with no wait
         self.initial_losses.copy_(torch.where(unset, average(losses).clamp_min(1e-8), self.initial_losses))
-        raw_norms = torch.stack([grad_norm(terms[name], shared) for name in self.names])
+        # The norms of the gradients the network gets (the KL's scaled by β); the ratios L/L₀ stay unscaled, as
+        # each term's training rate.
+        raw_norms = torch.stack([grad_norm(terms[name], shared) * (self.kl_scale if name == "kl" else 1.0)
+                                 for name in self.names])
         loss = gradnorm_loss(self.weights, raw_norms, losses, self.initial_losses, self.alpha)
         (grad,) = torch.autograd.grad(loss, self.weights)
         return average(grad)

@@ -461,7 +461,8 @@ class ReIDModel(nn.Module):
 def trained_settings(flags: dict, files: dict[str, str], num_classes: int | None = None, backbone: str | None = None,
                      ae: str | None = None, img_size: tuple[int, int] | None = None,
                      latent_dim: int | None = None) -> dict:
-    """What rebuilds a trained model: names, sizes and part files, from config.json's flags unless given."""
+    """What rebuilds a trained model: names, sizes and part files; the names and the input size from the arguments
+    when given, else config.json's flags; the latent size from the flags, the argument only where they lack it."""
     return {"backbone": backbone or flags.get("backbone_name"), "ae": ae or flags.get("ae_name"),
             "files": {part: str(path) for part, path in files.items()},
             "latent_dim": int(flags.get("latent_dim") or latent_dim or 512),

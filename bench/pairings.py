@@ -94,21 +94,40 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     names = [name for name, _ in args.rows]
     if len(set(names)) < len(names) or not names:
         parser.error(f"--aes and --variant: expected at least one row and distinct names, got {' '.join(names)}")
+    try:
+        check_train_flags(rest, "the flags passed on to train.py")
+    except ValueError as err:
+        parser.error(str(err))
     return args, rest
 
 
+# train.py flags the grid sets itself for every run: a row or the pass-through flags may not change them (a --seed
+# in a row would make every "seed" the same run; --max-steps would stop every run short of its summary).
+GRID_FLAGS = ("--data", "--result-dir", "--backbone-name", "--epochs", "--img-size", "--latent-dim", "--seed",
+              "--max-steps", "--resume")
+
+
+def check_train_flags(flags: list[str], what: str) -> None:
+    """A ValueError naming `what` when train.py's parser refuses the flags or they set one of GRID_FLAGS."""
+    flags = normalise_flag_spelling(flags)
+    owned = sorted({f.split("=")[0] for f in flags if f.split("=")[0] in GRID_FLAGS})
+    if owned:
+        raise ValueError(f"{what}: {' '.join(owned)} is set by the grid for every run (use its own flags)")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            train.build_parser().parse_args(flags)
+    except SystemExit as err:
+        raise ValueError(f"{what}: train.py does not accept the flags {shlex.join(flags)!r}") from err
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """A --variant NAME=FLAGS as (name, train.py flags), the flags checked by train.py's parser."""
+    """A --variant NAME=FLAGS as (name, train.py flags), the flags checked by check_train_flags."""
     name, _, flags = text.partition("=")
     if not ROW_NAME.fullmatch(name) or not flags.strip():
         raise ValueError(f"--variant {text}: expected NAME=FLAGS, NAME of letters, digits and _.+- "
                          "(e.g. 'dae+degraded=--ae-name dae --degraded-views')")
     split = shlex.split(flags)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            train.build_parser().parse_args(normalise_flag_spelling(split))
-    except SystemExit as err:
-        raise ValueError(f"--variant {text}: train.py does not accept the flags {flags!r}") from err
+    check_train_flags(split, f"--variant {text}")
     return name, split
 
 
@@ -130,6 +149,20 @@ def check_budget(out: Path, budget: dict) -> None:
                             "choose another --out")
     else:
         write_json(path, budget)
+
+
+def check_rows(out: Path, rows: list[tuple[str, list[str]]]) -> None:
+    """Record each row's train.py flags in OUT/rows.json, new rows added, or refuse a row whose name is recorded
+    with other flags (its finished runs would be reused as if they were the new row's)."""
+    path = out / "rows.json"
+    recorded = read_json(path) if path.is_file() else {}
+    changed = [name for name, flags in rows if name in recorded and recorded[name] != flags]
+    if changed:
+        detail = ", ".join(f"{name} was {shlex.join(recorded[name])!r}" for name in changed)
+        raise UserError(f"--out {out}: holds rows of the same names trained with other flags ({detail}); "
+                        "rename the rows or choose another --out")
+    if any(name not in recorded for name, _ in rows):
+        write_json(path, {**recorded, **dict(rows)})
 
 
 def run_dir(out: Path, backbone: str, name: str, seed: int, first_seed: int) -> Path:
@@ -381,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     budget = budget_record(args, data, rest)
     args.out.mkdir(parents=True, exist_ok=True)
     check_budget(args.out, budget)
+    check_rows(args.out, args.rows)
     command = "python bench/pairings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     corrupt = eval_supports_corruption()
     if not corrupt:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import losses
 from losses import (
+    LossBalancer,
     LossWeights,
     batch_hard_triplet,
     identity_loss,
@@ -309,3 +310,39 @@ def test_sparsity_modes_apply_to_the_sparse_code():
     assert l1_terms["sparsity"].item() == pytest.approx(out["sparse_code"].sum(1).mean().item())
     with pytest.raises(ValueError, match="kl or l1"):
         total_loss(out, LABELS, weights, None, sparsity_mode="l2")
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0])
+def test_sparsity_kl_at_a_target_of_zero_or_one_is_the_one_sided_kl(rho: float):
+    # 0·log 0 = 0: ρ = 0 leaves Σ log(1 / (1 − ρ̂)), ρ = 1 leaves Σ log(1 / ρ̂).
+    code = torch.tensor([[0.2, 0.6], [0.4, 0.8]], dtype=torch.float64)
+    rho_hat = [0.3, 0.7]
+    expected = sum(math.log(1 / (1 - r)) if rho == 0.0 else math.log(1 / r) for r in rho_hat)
+    assert sparsity_kl(code, rho).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_sparsity_kl_of_a_bf16_code_is_taken_in_float32():
+    # A unit on for the whole batch: in bf16 the clamp's 1 − 1e-6 rounds to 1 and (1 − ρ) / (1 − ρ̂) overflows.
+    code = torch.tensor([[1.0, 0.05], [1.0, 0.05]])
+    value = sparsity_kl(code.bfloat16(), 0.05)
+    assert torch.isfinite(value) and value.item() == pytest.approx(sparsity_kl(code, 0.05).item(), rel=1e-3)
+
+
+def test_a_negative_triplet_margin_is_an_error():
+    with pytest.raises(ValueError, match="margin -0.1: expected 0"):
+        batch_hard_triplet(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), -0.1)
+
+
+def test_gradnorm_measures_the_kl_gradient_scaled_by_beta():
+    """At the first step (L = L₀, all ratios 1) each target is the mean weighted norm, and d/dw_i Σ|w_i n_i − t_i|
+    = sign(w_i n_i − t_i) n_i; the KL's norm n is β‖∇KL‖, the gradient the network gets with the KL weighted β."""
+    shared = torch.nn.Parameter(torch.ones(3))
+    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 6.0, 8.0])  # ‖a‖ = 5, ‖b‖ = 10
+    balancer = LossBalancer("gradnorm", {"triplet": 1.0, "kl": 1.0}, alpha=1.5)
+    balancer.kl_scale = 0.25
+    terms = {"triplet": (shared * a).sum(), "kl": (shared * b).sum()}
+    grad = balancer.gradnorm_grad(terms, shared)
+    norms = [5.0, 0.25 * 10.0]
+    target = sum(norms) / 2
+    expected = [math.copysign(n, n - target) for n in norms]
+    assert grad.tolist() == pytest.approx(expected)

@@ -135,10 +135,33 @@ def test_a_variant_is_a_named_row_with_its_train_flags(capsys: pytest.CaptureFix
     args, _ = pairings.parse_args(["--aes", "none", "--variant", "dae+degraded=--ae-name dae --degraded-views"])
     assert args.rows == [("none", ["--ae-name", "none"]), ("dae+degraded", ["--ae-name", "dae", "--degraded-views"])]
     for text, expected in (("bad name=--ae-name dae", "expected NAME=FLAGS"),
-                           ("x=--no-such-flag 1", "train.py does not accept")):
+                           ("x=--no-such-flag 1", "train.py does not accept"),
+                           ("x=--ae-name dae --seed 3", "--seed is set by the grid for every run"),
+                           ("x=--max_steps 5", "--max-steps is set by the grid for every run")):
         with pytest.raises(SystemExit):
             pairings.parse_args(["--variant", text])
         assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rest", "expected"), [
+    (["--bogus-flag"], "the flags passed on to train.py: train.py does not accept the flags '--bogus-flag'"),
+    (["--max-steps", "3"], "the flags passed on to train.py: --max-steps is set by the grid for every run")])
+def test_bad_pass_through_flags_are_refused_before_anything_is_written(rest: list[str], expected: str,
+                                                                        tmp_path: Path, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        pairings.main(["--out", str(tmp_path / "grid"), *rest])
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()
+
+
+def test_a_row_name_recorded_with_other_flags_is_refused(tmp_path: Path):
+    pairings.check_rows(tmp_path, [("none", ["--ae-name", "none"]), ("v", ["--ae-name", "dae"])])
+    pairings.check_rows(tmp_path, [("v", ["--ae-name", "dae"]), ("w", ["--lighting"])])  # a new row is added
+    assert read_json(tmp_path / "rows.json") == {"none": ["--ae-name", "none"], "v": ["--ae-name", "dae"],
+                                                 "w": ["--lighting"]}
+    with pytest.raises(UserError, match=r"holds rows of the same names trained with other flags \(v was "
+                                        r"'--ae-name dae'\)"):
+        pairings.check_rows(tmp_path, [("v", ["--ae-name", "vae"])])
 
 
 def test_a_row_trains_on_clean_batches_unless_it_or_the_budget_asks_for_degraded_views(tmp_path: Path):
