@@ -112,10 +112,19 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> N
             raise UserError(f"{folder}: holds the synthetic preset '{found['preset']}' ({record}), not "
                             f"'{config.preset}'; choose another folder for --preset {config.preset}")
         raise UserError(f"{folder}: holds a synthetic set with other settings ({record}); choose another folder")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--synthetic {folder}: a file, not a folder; name a new or empty folder")
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder}: not empty; the synthetic set is written only into a new or empty folder")
-    counts = write_synthetic(folder, config, progress=progress)
-    write_json(record, wanted)
+    # Generated beside it, then renamed into place: an interrupted run leaves no half set in the folder.
+    partial = folder.parent / f".{folder.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)  # our own leftover from an interrupted run, never the user's folder
+    counts = write_synthetic(partial, config, progress=progress)
+    write_json(partial / SYNTHETIC_RECORD, wanted)
+    if folder.exists():
+        folder.rmdir()  # empty, checked above
+    partial.rename(folder)
     LOG.info("%s: wrote %s (preset %s)", folder, ", ".join(f"{n} {part}" for part, n in counts.items()),
              config.preset)
 

@@ -399,7 +399,8 @@ def person_ids(config: SyntheticConfig) -> tuple[list[int], list[int]]:
 def spread(total: int, slots: int, rng: np.random.Generator, low: int, high: int, what: str) -> np.ndarray:
     """`total` split at random into `slots` whole numbers between `low` and `high`."""
     if not low * slots <= total <= high * slots:
-        raise UserError(f"synthetic set: {total} {what} cannot be spread over {slots} slots, {low} to {high} each")
+        raise UserError(f"synthetic set: {total} {what} cannot be spread over {slots} slots, {low} to {high} each; "
+                        "a preset with fixed totals needs --train-ids, --test-ids and --cameras that allow it")
     counts = np.full(slots, low)
     while (left := total - int(counts.sum())) > 0:
         open_slots = np.flatnonzero(counts < high)

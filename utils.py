@@ -346,3 +346,10 @@ def save_image(image: Image.Image, path: str | Path) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def rotated(names: list[str], turn: int) -> list[str]:
+    """A benchmark's rows in the order of round `turn`: each round starts one row later, so no row always runs
+    first."""
+    shift = turn % len(names)
+    return names[shift:] + names[:shift]

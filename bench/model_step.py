@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from model import ReIDModel  # noqa: E402
 from trainstep import TrainStep, apply_gradients, batch_losses  # noqa: E402
-from utils import resolve_device, run_script, seed_everything, write_json  # noqa: E402
+from utils import resolve_device, rotated, run_script, seed_everything, write_json  # noqa: E402
 
 # The member of each family a CPU can step through in minutes; the seed's members need a GPU.
 CPU_BACKBONES = ("resnet50", "densenet121", "vgg16_bn", "swin_t")
@@ -151,12 +151,13 @@ def synchronize(device: torch.device) -> None:
 
 def time_in_turns(steps: dict[str, Callable[[], None]], warmup: int, timed: int,
                   device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed step, the steps taking turns after `warmup` untimed rounds: wall-clock as
-    `<name>`, and the process's CPU time as `<name>_cpu` (on a shared CPU, what other jobs take inflates the
-    wall-clock time, much less the CPU time)."""
+    """Seconds of each timed step, the steps taking turns in a rotated order after `warmup` untimed rounds:
+    wall-clock as `<name>`, and the process's CPU time as `<name>_cpu` (on a shared CPU, what other jobs take
+    inflates the wall-clock time, much less the CPU time)."""
     times: dict[str, list[float]] = {key: [] for name in steps for key in (name, f"{name}_cpu")}
     for round_index in range(warmup + timed):
-        for name, step in steps.items():
+        for name in rotated(list(steps), round_index):  # each round starts one step later: no step always first
+            step = steps[name]
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             step()

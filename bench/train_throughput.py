@@ -49,7 +49,7 @@ from decoded import DecodedTrainLoader, training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
 from synthetic import SyntheticConfig  # noqa: E402
 from trainstep import LossRead, TrainStep, apply_gradients, batch_losses  # noqa: E402
-from utils import UserError, resolve_device, run_script, seed_everything  # noqa: E402
+from utils import UserError, resolve_device, rotated, run_script, seed_everything  # noqa: E402
 
 # Per device: image size, timed steps, warm-up steps, rounds and synthetic training identities. CPU's are short
 # rounds, many of them (about seven minutes on 2 idle cores): one step's time varies by ±10 % on an idle machine,
@@ -126,7 +126,7 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     """Seconds for `steps` calls of `step` after `warmup` untimed ones, the device's queue drained at both ends."""
     for _ in range(warmup):
         step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -186,12 +186,6 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
         active.update(terms)
 
     return step
-
-
-def rotated(names: list[str], turn: int) -> list[str]:
-    """The rows in the order of round `turn`: each round starts one row later, so no row always runs first."""
-    shift = turn % len(names)
-    return names[shift:] + names[:shift]
 
 
 def paired_ratio(reference: list[float], seconds: list[float]) -> dict:

@@ -136,6 +136,29 @@ def test_synthetic_folder_is_reused_or_refused(tmp_path: Path):
     make_market_tree(tmp_path / "users")
     with pytest.raises(UserError, match="users: not empty"):
         prepare.main(["--synthetic", str(tmp_path / "users"), *small])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="--synthetic .*a-file: a file, not a folder"):
+        prepare.main(["--synthetic", str(tmp_path / "a-file"), *small])
+
+
+def test_an_interrupted_generation_leaves_the_folder_empty_and_a_rerun_completes(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height", "16",
+             "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
+    real = prepare.write_synthetic
+
+    def interrupted(folder: Path, config, progress: bool):
+        real(folder, config, progress=progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "write_synthetic", interrupted)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["--synthetic", str(tmp_path / "s"), *small])
+    assert not any((tmp_path / "s").iterdir())  # the half set stayed beside it
+    monkeypatch.setattr(prepare, "write_synthetic", real)
+    prepare.main(["--synthetic", str(tmp_path / "s"), *small])
+    assert (tmp_path / "s" / "synthetic.json").is_file() and not (tmp_path / ".s.partial").exists()
 
 
 def test_the_preset_is_recorded_and_another_preset_refused(tmp_path: Path):
