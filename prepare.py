@@ -130,12 +130,17 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> N
 
 
 def place_image(source: Path, target: Path, copy: bool) -> None:
-    """Link (or copy) one image into the prepared root; an existing different file there is an error."""
+    """Link (or copy) one image into the prepared root; an existing different file there is an error, and a link
+    of ours where --copy asks for a copy is replaced by one (the image it points to is left as it is)."""
     if target.is_symlink() or target.exists():
         same = (target.is_symlink() and Path(os.readlink(target)) == source) or (
             not target.is_symlink() and filecmp.cmp(source, target, shallow=False))
         if not same:
             raise UserError(f"{target}: already exists and is not {source}; use an empty --out folder")
+        if copy and target.is_symlink():
+            partial = target.with_name(f".{target.name}.partial")
+            shutil.copy2(source, partial)
+            os.replace(partial, target)  # the link goes, atomically; its target is never opened for writing
         return
     if copy:
         shutil.copy2(source, target)

@@ -77,6 +77,17 @@ def test_copy_mode_copies_the_bytes(market_tree: Path, tmp_path: Path):
     assert not copied.is_symlink() and copied.read_bytes() == (market_tree / "query" / copied.name).read_bytes()
 
 
+def test_copy_mode_over_a_linked_root_replaces_the_links_and_leaves_the_images(market_tree: Path, tmp_path: Path):
+    out, before = tmp_path / "prepared", snapshot(market_tree)
+    prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1"])
+    prepare.main(["--data", str(market_tree), "--out", str(out), "--val-ids", "1", "--copy"])
+    placed = [p for p in out.rglob("*.jpg")]
+    assert placed and not any(p.is_symlink() for p in placed) and not list(out.rglob(".*.partial"))
+    copied = out / "query" / "0003_c2s1_005100_01.jpg"
+    assert copied.read_bytes() == (market_tree / "query" / copied.name).read_bytes()
+    assert snapshot(market_tree) == before
+
+
 def test_a_different_existing_file_in_out_is_not_overwritten(market_tree: Path, tmp_path: Path):
     out = tmp_path / "prepared"
     (out / "query").mkdir(parents=True)
