@@ -67,7 +67,7 @@ def sparsity_kl(code: Tensor, target: float = 0.05) -> Tensor:
     """Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch-mean activation of unit j (code in (0, 1)), in float32 at least (bf16 would
     round the clamp's 1 − 10⁻⁶ to 1); 0·log 0 = 0, so ρ may be 0 or 1."""
     rho_hat = code.to(torch.promote_types(code.dtype, torch.float32)).mean(0).clamp(RHO_EPS, 1 - RHO_EPS)
-    rho = torch.tensor(target, dtype=rho_hat.dtype, device=rho_hat.device)
+    rho = target  # a Python number: no tensor made on the device (a host-to-device copy would wait for it)
     return (torch.xlogy(rho, rho / rho_hat) + torch.xlogy(1 - rho, (1 - rho) / (1 - rho_hat))).sum()
 
 
