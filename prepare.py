@@ -42,6 +42,8 @@ from utils import LOG, UserError, normalise_flag_spelling, read_json, run_script
 DEFAULT_VAL_IDS = 100
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 SYNTHETIC_RECORD = "synthetic.json"
+# Where a synthetic set is generated inside its folder, and the file that marks that folder as prepare.py's own.
+PARTIAL_FOLDER, PARTIAL_MARK = ".partial", "GENERATING"
 SHOWN_UNREADABLE = 20
 SIZE_FLAGS = ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width", "distractors", "junk")
 
@@ -114,17 +116,22 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> N
         raise UserError(f"{folder}: holds a synthetic set with other settings ({record}); choose another folder")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--synthetic {folder}: a file, not a folder; name a new or empty folder")
-    if folder.exists() and any(folder.iterdir()):
+    # Generated into a marked folder inside it, then moved up, the record last: an interrupted run leaves only that
+    # marked folder, which the next run clears (a folder the user made, unmarked, counts as content).
+    partial = folder / PARTIAL_FOLDER
+    ours = (partial / PARTIAL_MARK).is_file()
+    if folder.exists() and any(entry != partial or not ours for entry in folder.iterdir()):
         raise UserError(f"{folder}: not empty; the synthetic set is written only into a new or empty folder")
-    # Generated beside it, then renamed into place: an interrupted run leaves no half set in the folder.
-    partial = folder.parent / f".{folder.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)  # our own leftover from an interrupted run, never the user's folder
+    if ours:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARK).write_text("prepare.py --synthetic is generating this set\n")
     counts = write_synthetic(partial, config, progress=progress)
-    write_json(partial / SYNTHETIC_RECORD, wanted)
-    if folder.exists():
-        folder.rmdir()  # empty, checked above
-    partial.rename(folder)
+    (partial / PARTIAL_MARK).unlink()
+    for entry in partial.iterdir():
+        os.replace(entry, folder / entry.name)
+    partial.rmdir()
+    write_json(record, wanted)
     LOG.info("%s: wrote %s (preset %s)", folder, ", ".join(f"{n} {part}" for part, n in counts.items()),
              config.preset)
 

@@ -113,11 +113,14 @@ def check_train_flags(flags: list[str], what: str) -> None:
     owned = sorted({f.split("=")[0] for f in flags if f.split("=")[0] in GRID_FLAGS})
     if owned:
         raise ValueError(f"{what}: {' '.join(owned)} is set by the grid for every run (use its own flags)")
+    parser = train.build_parser()
+    parser.allow_abbrev = False  # an abbreviation such as --see for --seed would slip past GRID_FLAGS
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            train.build_parser().parse_args(flags)
+            parser.parse_args(flags)
     except SystemExit as err:
-        raise ValueError(f"{what}: train.py does not accept the flags {shlex.join(flags)!r}") from err
+        raise ValueError(f"{what}: train.py does not accept the flags {shlex.join(flags)!r} (spelled out in "
+                         "full)") from err
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -126,7 +129,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not ROW_NAME.fullmatch(name) or not flags.strip():
         raise ValueError(f"--variant {text}: expected NAME=FLAGS, NAME of letters, digits and _.+- "
                          "(e.g. 'dae+degraded=--ae-name dae --degraded-views')")
-    split = shlex.split(flags)
+    split = normalise_flag_spelling(shlex.split(flags))
     check_train_flags(split, f"--variant {text}")
     return name, split
 

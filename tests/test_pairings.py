@@ -137,7 +137,8 @@ def test_a_variant_is_a_named_row_with_its_train_flags(capsys: pytest.CaptureFix
     for text, expected in (("bad name=--ae-name dae", "expected NAME=FLAGS"),
                            ("x=--no-such-flag 1", "train.py does not accept"),
                            ("x=--ae-name dae --seed 3", "--seed is set by the grid for every run"),
-                           ("x=--max_steps 5", "--max-steps is set by the grid for every run")):
+                           ("x=--max_steps 5", "--max-steps is set by the grid for every run"),
+                           ("x=--see 3", "train.py does not accept the flags '--see 3' (spelled out in full)")):
         with pytest.raises(SystemExit):
             pairings.parse_args(["--variant", text])
         assert expected in capsys.readouterr().err

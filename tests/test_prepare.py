@@ -152,8 +152,8 @@ def test_synthetic_folder_is_reused_or_refused(tmp_path: Path):
         prepare.main(["--synthetic", str(tmp_path / "a-file"), *small])
 
 
-def test_an_interrupted_generation_leaves_the_folder_empty_and_a_rerun_completes(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch):
+def test_an_interrupted_generation_leaves_its_marked_folder_and_a_rerun_completes(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
     small = ["--train-ids", "3", "--test-ids", "2", "--cameras", "2", "--images-per-camera", "1", "--height", "16",
              "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
     real = prepare.write_synthetic
@@ -163,13 +163,18 @@ def test_an_interrupted_generation_leaves_the_folder_empty_and_a_rerun_completes
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare, "write_synthetic", interrupted)
-    (tmp_path / "s").mkdir()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "s").symlink_to(tmp_path / "target")  # an empty folder reached through a link works too
     with pytest.raises(KeyboardInterrupt):
         prepare.main(["--synthetic", str(tmp_path / "s"), *small])
-    assert not any((tmp_path / "s").iterdir())  # the half set stayed beside it
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [".partial"]  # the half set, in its marked folder
     monkeypatch.setattr(prepare, "write_synthetic", real)
     prepare.main(["--synthetic", str(tmp_path / "s"), *small])
-    assert (tmp_path / "s" / "synthetic.json").is_file() and not (tmp_path / ".s.partial").exists()
+    names = sorted(p.name for p in (tmp_path / "target").iterdir())
+    assert "synthetic.json" in names and ".partial" not in names and "bounding_box_train" in names
+    (tmp_path / "mine" / ".partial").mkdir(parents=True)  # a .partial of the user's own, unmarked, is content
+    with pytest.raises(UserError, match="mine: not empty"):
+        prepare.main(["--synthetic", str(tmp_path / "mine"), *small])
 
 
 def test_the_preset_is_recorded_and_another_preset_refused(tmp_path: Path):
