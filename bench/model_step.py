@@ -17,9 +17,11 @@ of --steps timed steps after --warmup untimed ones (synchronised on CUDA):
           finite check on the losses and gradients, fused Adam, schedule) → the losses' read
   heads   what ours adds beyond the backbone: the same step with the backbone replaced by the identity and a
           preloaded feature as input (autoencoder, classifier, Siamese head, pair mining, losses, their Adam)
-The ratio is ours over bare; the target is at most 1.10. On CUDA (unless --no-amp) every step runs as train.py
---amp does: bf16 autocast, model and images in channels_last. --profile prints where one step of ours spends
-its time, by operator.
+The ratio is ours over bare; the target is at most 1.10. Beside the times, each row counts the aten operators one
+step of bare and of ours dispatches that run a kernel (views and allocations left out): on a GPU each is a
+launch the host queues, so the count says how much host work ours adds, measured the same on any device. On
+CUDA (unless --no-amp) every step runs as train.py --amp does: bf16 autocast, model and images in channels_last.
+--profile prints where one step of ours spends its time, by operator.
 """
 
 from __future__ import annotations
@@ -168,6 +170,32 @@ def time_in_turns(steps: dict[str, Callable[[], None]], warmup: int, timed: int,
     return times
 
 
+# aten operators that only make a view or an empty tensor, or mark the profiler: no kernel runs for them.
+NO_KERNEL_OPS = frozenset({"alias", "as_strided", "detach", "empty", "empty_strided", "expand", "permute",
+                           "promote_types", "reshape", "select", "slice", "split", "squeeze", "t", "transpose",
+                           "unbind", "unsqueeze", "view", "_reshape_alias", "_unsafe_view",
+                           "_record_function_enter_new", "_record_function_exit"})
+
+
+def kernel_ops(step: Callable[[], None]) -> int:
+    """The aten operators one call of `step` dispatches that run a kernel (views and allocations left out): on a
+    GPU, the launches the host queues a step, whatever the device, so the CPU counts them too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ not in NO_KERNEL_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        step()
+    return counter.count
+
+
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 20) -> str:
     """The operators one step spends its time in, by self time, as torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile
@@ -231,7 +259,9 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
         _, terms = ours_module(images, labels)
     times = time_in_turns(steps, args.warmup, args.steps, device)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    ops = {name: kernel_ops(steps[name]) for name in ("bare", "ours")}
     row = {"backbone": backbone_name, "ae": ae, "terms": sorted(terms),
+           "bare_ops": ops["bare"], "ours_ops": ops["ours"], "ops_ratio": ops["ours"] / ops["bare"],
            **{f"{name}_ms": 1000 * seconds for name, seconds in medians.items()},
            "ratio": medians["ours"] / medians["bare"], "cpu_ratio": medians["ours_cpu"] / medians["bare_cpu"],
            "samples_ms": {name: [round(1000 * t, 2) for t in values] for name, values in times.items()}}
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"after {args.warmup} warm-up")
     cpu = args.device.type == "cpu"
     columns = ["bare ms", "ours ms", "ratio", "heads ms"] + (["bare cpu", "ours cpu", "cpu ratio", "heads cpu"] if cpu
-                                                            else [])
+                                                            else []) + ["bare ops", "ours ops", "ops ratio"]
     print(f"{'backbone':<14} {'ae':<5} " + " ".join(f"{c:>9}" for c in columns) + "  terms")
     rows = []
     for backbone_name in args.backbones:
@@ -262,13 +292,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
             keys = ["bare_ms", "ours_ms", "ratio", "heads_ms"] + (["bare_cpu_ms", "ours_cpu_ms", "cpu_ratio",
-                                                                   "heads_cpu_ms"] if cpu else [])
-            cells = [f"{row[k]:9.3f}" if "ratio" in k else f"{row[k]:9.1f}" if k in row else f"{'n/a':>9}"
-                     for k in keys]
+                                                                   "heads_cpu_ms"] if cpu else []) + [
+                "bare_ops", "ours_ops", "ops_ratio"]
+            cells = [f"{row[k]:9.3f}" if "ratio" in k else f"{row[k]:9d}" if k.endswith("_ops") else
+                     f"{row[k]:9.1f}" if k in row else f"{'n/a':>9}" for k in keys]
             print(f"{backbone_name:<14} {ae:<5} " + " ".join(cells) + f"  {' '.join(row['terms'])}", flush=True)
     worst = max(row["ratio"] for row in rows)
     if cpu:
         print("ms: wall-clock; cpu: this process's CPU time (all its threads), less sensitive to other jobs")
+    print("ops: aten operators a step dispatches that run a kernel (the launches a GPU step queues, counted here)")
     elapsed = time.perf_counter() - started
     print(f"worst ratio {worst:.3f}: target ≤ {TARGET_RATIO:.2f} {'holds' if worst <= TARGET_RATIO else 'missed'}; "
           f"run took {elapsed:.0f} s" + (f", load average {os.getloadavg()[0]:.1f} at the end"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from bench import model_step
@@ -24,8 +25,15 @@ def test_model_step_writes_a_row_per_autoencoder_with_every_term_it_produces(tmp
     for row in (vae, sae):
         assert row["bare_ms"] > 0 and row["ours_ms"] > 0 and row["heads_ms"] > 0
         assert abs(row["ratio"] - row["ours_ms"] / row["bare_ms"]) < 1e-9
+        assert row["ours_ops"] > row["bare_ops"] > 0 and row["ops_ratio"] == row["ours_ops"] / row["bare_ops"]
     assert result["target_ratio"] == 1.10
     assert "worst ratio" in capsys.readouterr().out
+
+
+def test_kernel_ops_count_the_operators_that_run_a_kernel():
+    x = torch.randn(6)
+    # view, unsqueeze and t make views (not counted); add, mul and sum each run one kernel
+    assert model_step.kernel_ops(lambda: ((x.view(2, 3).t() + 1) * 2).unsqueeze(0).sum()) == 3
 
 
 def test_an_image_reconstruction_target_has_no_heads_split(tmp_path: Path):
