@@ -244,6 +244,7 @@ class LossBalancer(nn.Module):
             self.weights = nn.Parameter(renormalise(self.prior.clone()))
             # L₀ of each term, measured at the first step; zeros until then. Kept in the state for --resume.
             self.register_buffer("initial_losses", torch.zeros(len(prior)))
+            self.initial_set = False  # False until read from initial_losses (fresh, or loaded by --resume) or set
 
     def stack(self, terms: dict[str, Tensor]) -> Tensor:
         """The active terms as one float32 vector, in the balancer's order."""
@@ -259,9 +260,13 @@ class LossBalancer(nn.Module):
                 return self.prior * torch.exp(-self.log_vars)
             return self.weights.detach().clone() if self.mode == "gradnorm" else self.prior.clone()
 
+    def weighed(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The terms as the network's total takes them: the KL times its β at this step (kl_scale)."""
+        return {**terms, "kl": terms["kl"] * self.kl_scale} if "kl" in terms and self.kl_scale != 1.0 else terms
+
     def forward(self, terms: dict[str, Tensor]) -> Tensor:
-        """The total loss the network minimises: Σ w_i·L_i (plus Σ prior_i·s_i for uncertainty)."""
-        losses = self.stack(terms)
+        """The total loss the network minimises: Σ w_i·L_i (plus Σ prior_i·s_i for uncertainty), the KL weighed."""
+        losses = self.stack(self.weighed(terms))
         if self.mode == "uncertainty":
             return uncertainty_total(losses, self.log_vars, self.prior)
         weights = self.weights.detach() if self.mode == "gradnorm" else self.prior  # GradNorm trains w apart
@@ -271,8 +276,11 @@ class LossBalancer(nn.Module):
                       average: Callable[[Tensor], Tensor] = _same) -> Tensor:
         """The gradient of GradNorm's loss in the weights; `average` makes L₀ and the gradient agree across ranks."""
         losses = self.stack(terms).detach()
-        unset = ~self.initial_losses.any()  # L₀ is taken at the first step, chosen on the device with no wait
-        self.initial_losses.copy_(torch.where(unset, average(losses).clamp_min(1e-8), self.initial_losses))
+        if not self.initial_set:  # L₀ is taken at the first step; whether it is set is read once a run
+            self.initial_set = bool(self.initial_losses.any())
+            if not self.initial_set:
+                self.initial_losses.copy_(average(losses).clamp_min(1e-8))
+                self.initial_set = True
         # The norms of the gradients the network gets (the KL's scaled by β); the ratios L/L₀ stay unscaled, as
         # each term's training rate.
         raw_norms = torch.stack([grad_norm(terms[name], shared) * (self.kl_scale if name == "kl" else 1.0)

@@ -17,7 +17,7 @@ AP_MODES = ("standard", "devkit")
 
 def check_rank_inputs(distmat: np.ndarray, q_pids: Sequence[int], g_pids: Sequence[int], q_camids: Sequence[int],
                       g_camids: Sequence[int]) -> None:
-    """Shapes that agree, a non-empty query and gallery and finite distances, or a ValueError saying what is wrong."""
+    """Shapes that agree and a non-empty query and gallery, or a ValueError saying what is wrong."""
     if distmat.ndim != 2:
         raise ValueError(f"distance matrix must be 2-D (query × gallery), got shape {distmat.shape}")
     num_q, num_g = distmat.shape
@@ -27,11 +27,6 @@ def check_rank_inputs(distmat: np.ndarray, q_pids: Sequence[int], g_pids: Sequen
                               ("g_camids", g_camids, num_g)):
         if len(array) != size:
             raise ValueError(f"{name} has {len(array)} entries but the distance matrix is {num_q} × {num_g}")
-    # in row blocks: a memory-mapped matrix is read a block at a time
-    non_finite = sum(int(np.count_nonzero(~np.isfinite(distmat[i:i + 1024]))) for i in range(0, num_q, 1024))
-    if non_finite:
-        raise ValueError(f"{non_finite} of the {num_q} × {num_g} distances are not finite (NaN or infinite "
-                         "embeddings?); ranking them would give meaningless scores")
 
 
 def positions_in_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,17 +129,21 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q
     check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
 
-    def chunk_metrics(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dist = np.asarray(distmat[start:start + chunk_size])
+    def chunk_metrics(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        dist = np.asarray(distmat[start:start + chunk_size])  # a memory-mapped matrix is read here, once
         match, removed, junk = protocol_masks(q_pids[start:start + chunk_size], q_camids[start:start + chunk_size],
                                               g_pids, g_camids)
         match_rows, ranks = chunk_match_ranks(dist, match, removed, np.flatnonzero(junk))
-        return per_query_metrics(match_rows, ranks, len(dist), ap_mode)
+        return *per_query_metrics(match_rows, ranks, len(dist), ap_mode), int(np.count_nonzero(~np.isfinite(dist)))
 
     # numpy's sort releases the GIL, so threads share the work across cores.
     with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
         parts = list(pool.map(chunk_metrics, range(0, len(q_pids), chunk_size)))
-    ap, inp, first = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    *metrics, non_finite = zip(*parts, strict=True)
+    if sum(non_finite):
+        raise ValueError(f"{sum(non_finite)} of the {distmat.shape[0]} × {distmat.shape[1]} distances are not finite "
+                         "(NaN or infinite embeddings?); ranking them would give meaningless scores")
+    ap, inp, first = (np.concatenate(arrays) for arrays in metrics)
     valid = int(np.count_nonzero(~np.isnan(ap)))
     if valid == 0:
         raise ValueError(f"no query has a true match left in the gallery ({len(q_pids)} queries): every match is "

@@ -65,9 +65,8 @@ class TrainStep(nn.Module):
         total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options,
                                   pair_count=pk_pair_count(len(labels), self.batch_k))
         if self.balancer.mode != "fixed":
-            self.balancer.kl_scale = kl_scale  # GradNorm measures the KL's gradient as the network gets it
-            scaled = "kl" in terms and kl_scale != 1.0  # the balancer weighs the KL as warmed up
-            total = self.balancer({**terms, "kl": terms["kl"] * kl_scale} if scaled else terms)
+            self.balancer.kl_scale = kl_scale  # it weighs the KL, and GradNorm measures its gradient, as warmed up
+            total = self.balancer(terms)
         return total, terms
 
 

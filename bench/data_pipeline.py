@@ -46,7 +46,7 @@ from datasets import (  # noqa: E402
 from decoded import DecodedTrainLoader, decode_records  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
 from synthetic import PRESETS, preset_config, write_synthetic  # noqa: E402
-from utils import write_json  # noqa: E402
+from utils import rotated, write_json  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:
@@ -124,7 +124,7 @@ def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int,
                                                                     torch.device("cpu")))}
     measured: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for round_ in range(rounds):
-        for name in (("pil", "batched") if round_ % 2 == 0 else ("batched", "pil")):
+        for name in rotated(list(ways), round_):
             threads, make_loader = ways[name]
             torch.set_num_threads(threads)
             measured[name].append(batches_per_second(make_loader, sampler, batches))

@@ -108,8 +108,8 @@ GRID_FLAGS = ("--data", "--result-dir", "--backbone-name", "--epochs", "--img-si
 
 
 def check_train_flags(flags: list[str], what: str) -> None:
-    """A ValueError naming `what` when train.py's parser refuses the flags or they set one of GRID_FLAGS."""
-    flags = normalise_flag_spelling(flags)
+    """A ValueError naming `what` when train.py's parser refuses the flags (spelled as normalise_flag_spelling
+    leaves them) or they set one of GRID_FLAGS."""
     owned = sorted({f.split("=")[0] for f in flags if f.split("=")[0] in GRID_FLAGS})
     if owned:
         raise ValueError(f"{what}: {' '.join(owned)} is set by the grid for every run (use its own flags)")

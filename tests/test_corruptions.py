@@ -143,6 +143,13 @@ def test_defocus_kernel_is_a_normalised_disk():
     assert np.count_nonzero(kernel > 1e-6) == 29 and kernel.max() == pytest.approx(1 / 29, rel=1e-5)
 
 
+def skimage_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """uint8 pixels through skimage's Gaussian (the reference's blur), clipped and truncated back to uint8."""
+    import skimage.filters
+
+    return np.uint8(np.clip(skimage.filters.gaussian(image / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+
+
 def reference_glass_loop(x: np.ndarray, delta: int, offsets: list[np.ndarray]) -> np.ndarray:
     """ImageNet-C's glass-blur pixel loop as its code reads, on an H×W×3 array, with the offsets of each pass given
     (dx and dy of the k-th pixel visited at [0, k] and [1, k]) instead of drawn one pixel at a time."""
@@ -175,15 +182,14 @@ def test_glass_blur_moves_pixels_as_the_reference_loop_does(delta: int, iteratio
 
 
 def test_glass_blur_is_blur_scatter_blur():
-    import skimage.filters
 
     image = smooth_image(2, 48, 32)
     sigma, delta = 0.9, 2  # severity 2: one pass
-    blurred = np.uint8(skimage.filters.gaussian(image / 255.0, sigma=sigma, channel_axis=-1) * 255)
+    blurred = skimage_blur(image, sigma)
     visited = (48 - 2 * delta) * (32 - 2 * delta)
     offsets = [np.random.default_rng(9).integers(-delta, delta, size=(2, visited))]
     scattered = reference_glass_loop(blurred.copy(), delta, offsets)
-    expected = np.uint8(np.clip(skimage.filters.gaussian(scattered / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+    expected = skimage_blur(scattered, sigma)
     np.testing.assert_array_equal(corrupt(image, "glass_blur", 2, 9), expected)
 
 
@@ -213,11 +219,10 @@ def test_gaussian_blur_spreads_a_point_into_the_gaussian_kernel():
 
 @pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
 def test_gaussian_blur_matches_skimage(severity: int):
-    import skimage.filters
 
     image = smooth_image(4)
     sigma = (1, 2, 3, 4, 6)[severity - 1]
-    expected = np.uint8(np.clip(skimage.filters.gaussian(image / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+    expected = skimage_blur(image, sigma)
     np.testing.assert_array_equal(corrupt(image, "gaussian_blur", severity, 0), expected)
 
 

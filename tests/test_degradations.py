@@ -10,6 +10,7 @@ import torch
 
 import degradations
 from conftest import ROOT
+from datasets import IMAGENET_MEAN, IMAGENET_STD
 from degradations import add_uniform_noise, box_blur, degrade, occlude, sample_block, shift_light, to_normalised
 
 
@@ -97,7 +98,7 @@ def test_degrade_keeps_unchosen_images_bit_for_bit_and_is_seeded():
     changed = sum(not torch.equal(half[i], images[i]) for i in range(16))
     assert 0 < changed < 16
     # degraded images stay valid pictures: each channel within what normalising pixels in [0, 1] can give
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     low, high = ((edge - mean) / std for edge in (0.0, 1.0))
     per_channel = every.transpose(0, 1).reshape(3, -1)
     assert (per_channel.amin(1) >= low - 1e-5).all() and (per_channel.amax(1) <= high + 1e-5).all()

@@ -311,7 +311,8 @@ def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = trainstep.guard_updates(torch.optim.Adam([weight], lr=0.1, fused=True))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    balancer = train.build_balancer(train.parse_args([]), train.loss_weights(train.parse_args([])))
+    args = train.parse_args([])
+    balancer = train.build_balancer(args, train.loss_weights(args))
     first = trainstep.apply_gradients(weight.sum(), {"id": weight.sum()}, balancer, optimizer, scheduler, weight)
     assert first.result() == ({"loss": 3.0, "id": 3.0}, False, False)
     moved = weight.detach().clone()
@@ -418,12 +419,41 @@ def test_learning_rate_warms_up_then_decays():
     assert train.lr_factor(90, 100, 0, "step", [0.5, 0.8]) == pytest.approx(0.01)
 
 
-def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path):
+def torchrun(program: Path, port: int, learnable: Path, result: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`program` (train.py, or a wrapper of it) in two processes on the CPU, one epoch of the tiny setting."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-         str(ROOT / "train.py"), "--data", str(learnable), "--result-dir", str(tmp_path / "ddp"), "--epochs", "1",
-         "--device", "cpu", *TINY], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(program),
+         "--data", str(learnable), "--result-dir", str(result), "--epochs", "1", "--device", "cpu", *TINY, *extra],
+        capture_output=True, text=True, env=env, cwd=result.parent, timeout=300)
+
+
+# train.py run with trainstep.total_loss wrapped: `patch` is the wrapper's body, `calls[0]` the call's number.
+PATCHED_TRAIN = """
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+import trainstep
+real, calls = trainstep.total_loss, [0]
+
+def patched(*args, **kwargs):
+    calls[0] += 1
+{patch}
+
+trainstep.total_loss = patched
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def patched_train(folder: Path, patch: str) -> Path:
+    """A script that runs train.py with total_loss wrapped by `patch` (indented as the wrapper's body)."""
+    script = folder / "patched_train.py"
+    script.write_text(PATCHED_TRAIN.format(root=str(ROOT), train=str(ROOT / "train.py"), patch=patch))
+    return script
+
+
+def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path):
+    result = torchrun(ROOT / "train.py", 29531, learnable, tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     checksums = summary["rank_checksums"]
@@ -432,36 +462,18 @@ def test_two_processes_train_identical_replicas(learnable: Path, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
 
 
-POISON_RANK_ONE = """
-import os, runpy, sys
-sys.path.insert(0, {root!r})
-import trainstep
-real, calls = trainstep.total_loss, [0]
-
-def poisoned(*args, **kwargs):
+POISON_RANK_ONE = """\
     total, terms = real(*args, **kwargs)
-    calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 3:
-        terms = {{**terms, "kl": terms["kl"] * float("nan")}}
+        terms = {**terms, "kl": terms["kl"] * float("nan")}
         total = total + terms["kl"]
-    return total, terms
-
-trainstep.total_loss = poisoned
-sys.argv[0] = {train!r}
-runpy.run_path({train!r}, run_name="__main__")
-"""
+    return total, terms"""
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(learnable: Path, tmp_path: Path):
     """Rank 1's loss turns NaN at step 2: the skip flag is shared, so both ranks skip it and stop there, rank 1
     naming the term, rank 0 the gradient, with no rank left waiting in a collective."""
-    script = tmp_path / "poisoned_train.py"
-    script.write_text(POISON_RANK_ONE.format(root=str(ROOT), train=str(ROOT / "train.py")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
-         "--data", str(learnable), "--result-dir", str(tmp_path / "ddp"), "--epochs", "1", "--device", "cpu", *TINY],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = torchrun(patched_train(tmp_path, POISON_RANK_ONE), 29533, learnable, tmp_path / "ddp")
     assert result.returncode != 0
     where = r"at epoch 1, step 2 \(batch 2\)"
     assert re.search(rf"error: non-finite loss {where}: term 'kl' = nan; the update was skipped", result.stderr)
@@ -469,45 +481,24 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(learnable: 
     assert load_torch(tmp_path / "ddp" / "checkpoint.pt")["step"] == 2
 
 
-STOP_RANK_ONE = """
-import os, runpy, signal, sys
-sys.path.insert(0, {root!r})
-import trainstep
-real, calls = trainstep.total_loss, [0]
-
-def signalled(*args, **kwargs):
-    calls[0] += 1
+STOP_RANK_ONE = """\
     if os.environ["RANK"] == "1" and calls[0] == 2:
         os.kill(os.getpid(), signal.SIGTERM)
-    return real(*args, **kwargs)
-
-trainstep.total_loss = signalled
-sys.argv[0] = {train!r}
-runpy.run_path({train!r}, run_name="__main__")
-"""
+    return real(*args, **kwargs)"""
 
 
 def test_a_stop_on_one_rank_stops_every_rank_and_the_run_resumes_exactly(learnable: Path, tmp_path: Path):
     """SIGTERM reaches rank 1 alone, in its second step: the request travels with that step's flags, so both
     ranks stop at the same step with no rank left waiting in a collective; the checkpoint holds each rank's
     generators, and the resumed run ends where an uninterrupted one does."""
-    script = tmp_path / "signalled_train.py"
-    script.write_text(STOP_RANK_ONE.format(root=str(ROOT), train=str(ROOT / "train.py")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    flags = ["--data", str(learnable), "--epochs", "1", "--device", "cpu", *TINY]
-
-    def torchrun(program: Path, result: str, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               "--master_port=29535", str(program), *flags, "--result-dir", str(tmp_path / result),
-                               *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-
-    stopped = torchrun(script, "parts")
+    stopped = torchrun(patched_train(tmp_path, STOP_RANK_ONE), 29535, learnable, tmp_path / "parts")
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert stopped.stderr.count("stopped at step 3 (epoch 1, batch 3)") == 2  # each rank, at the same step
     state = load_torch(tmp_path / "parts" / "checkpoint.pt")
     assert state["step"] == 3 and len(state["rng"]) == 2
-    assert torchrun(ROOT / "train.py", "parts", "--resume", "--max-steps", "5").returncode == 0
-    assert torchrun(ROOT / "train.py", "whole", "--max-steps", "5").returncode == 0
+    for result, extra in (("parts", ["--resume"]), ("whole", [])):
+        run = torchrun(ROOT / "train.py", 29535, learnable, tmp_path / result, *extra, "--max-steps", "5")
+        assert run.returncode == 0, run.stderr[-2000:]
     resumed, whole = (load_torch(tmp_path / name / "checkpoint.pt") for name in ("parts", "whole"))
     assert resumed["step"] == whole["step"] == 5
     for key, value in whole["model"].items():
