@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the data set's published layout (auto: detected from the folder)")
     parser.add_argument("--subset", choices=CUHK03_SUBSETS, default="detected",
                         help="CUHK03-NP's boxes: detected or hand-labelled")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads decoding the images")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="threads decoding the images; processes drawing a synthetic set")
     parser.add_argument("--out", type=Path, help="prepared root to write (links and splits/*.json)")
     parser.add_argument("--synthetic", type=Path, help="write the synthetic Market-format set to this folder")
     parser.add_argument("--copy", action="store_true", help="copy images instead of linking them")
@@ -101,8 +102,9 @@ def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     return config
 
 
-def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> None:
-    """Generate the synthetic set into an empty folder; a folder holding the same set already is left as it is."""
+def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool, workers: int = 1) -> None:
+    """Generate the synthetic set into an empty folder (in `workers` processes); a folder holding the same set
+    already is left as it is."""
     record = folder / SYNTHETIC_RECORD
     wanted = dataclasses.asdict(config)
     if record.is_file():
@@ -126,7 +128,7 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig, progress: bool) -> N
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARK).write_text("prepare.py --synthetic is generating this set\n")
-    counts = write_synthetic(partial, config, progress=progress)
+    counts = write_synthetic(partial, config, progress=progress, workers=workers)
     (partial / PARTIAL_MARK).unlink()
     for entry in partial.iterdir():
         os.replace(entry, folder / entry.name)
@@ -286,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     raw = args.data
     if args.synthetic is not None:
-        ensure_synthetic(args.synthetic, synthetic_config(args), progress=not args.quiet)
+        ensure_synthetic(args.synthetic, synthetic_config(args), progress=not args.quiet, workers=args.workers)
         raw = raw or args.synthetic
     if args.out is None:
         return

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -488,8 +491,46 @@ def plan_counts(config: SyntheticConfig, people: list[Person]) -> dict[str, int]
     return counts
 
 
-def write_synthetic(out: str | Path, config: SyntheticConfig, progress: bool = True) -> dict[str, int]:
-    """Write a Market-format synthetic set under `out` (its three image folders) and return image counts."""
+def write_person(person: Person, first_frame: int, cameras: list[dict], size: tuple[int, int], look: Look,
+                 folders: dict[str, Path]) -> dict[str, int]:
+    """Write one person's shots, numbered from `first_frame`, from the person's own stream; images a folder."""
+    counts: dict[str, int] = {}
+    for frame, (cam, target) in enumerate(person.shots, start=first_frame):
+        img = apply_camera(draw_person(person.traits, cameras[cam], size, person.rng, look), cameras[cam],
+                           person.rng, look)
+        save_jpeg(img, folders[target] / market_name(person.pid, cam + 1, frame))
+        counts[target] = counts.get(target, 0) + 1
+    return counts
+
+
+def write_people(people: list[Person], cameras: list[dict], size: tuple[int, int], look: Look,
+                 folders: dict[str, Path], workers: int, bar) -> dict[str, int]:
+    """Every person's shots, in `workers` processes; frames numbered in plan order, so the set is the same for
+    any number of workers."""
+    firsts = (np.cumsum([0] + [len(p.shots) for p in people])[:-1] + 1).tolist()
+    jobs = [(person, first, cameras, size, look, folders) for person, first in zip(people, firsts, strict=True)]
+    counts = {part: 0 for part in folders}
+    if workers <= 1:
+        done = (write_person(*job) for job in jobs)
+        return add_counts(counts, done, bar)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return add_counts(counts, pool.map(write_person, *zip(*jobs, strict=True), chunksize=16), bar)
+
+
+def add_counts(counts: dict[str, int], done: Iterable[dict[str, int]], bar) -> dict[str, int]:
+    """Sum the images a folder of finished people into `counts`, moving the progress bar."""
+    for person_counts in done:
+        for part, n in person_counts.items():
+            counts[part] += n
+            bar.update(n)
+    return counts
+
+
+def write_synthetic(out: str | Path, config: SyntheticConfig, progress: bool = True,
+                    workers: int = 1) -> dict[str, int]:
+    """Write a Market-format synthetic set under `out` (its three image folders) and return image counts; the
+    people are drawn in `workers` processes, with the same images for any number of them."""
     from tqdm import tqdm
 
     look = PRESETS[config.preset][0]
@@ -501,18 +542,10 @@ def write_synthetic(out: str | Path, config: SyntheticConfig, progress: bool = T
     cameras = [camera_conditions(np.random.default_rng([config.seed, look.camera_stream, c]), look)
                for c in range(config.cameras)]
     people = synthetic_plan(config)
-    counts = {part: 0 for part in folders}
     bar = tqdm(total=sum(plan_counts(config, people).values()), desc=f"synthetic {config.preset}", unit="img",
                disable=not progress)
-    frame = 0
-    for person in people:
-        for cam, target in person.shots:
-            frame += 1
-            img = apply_camera(draw_person(person.traits, cameras[cam], size, person.rng, look), cameras[cam],
-                               person.rng, look)
-            save_jpeg(img, folders[target] / market_name(person.pid, cam + 1, frame))
-            counts[target] += 1
-            bar.update()
+    counts = write_people(people, cameras, size, look, folders, workers, bar)
+    frame = sum(len(p.shots) for p in people)
     rng = np.random.default_rng([config.seed, 3])
     for pid, count in ((DISTRACTOR_PID, config.distractors), (JUNK_PID, config.junk)):
         for _ in range(count):

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--embedding", choices=EMBEDDINGS, default="mu",
         help="the retrieval embedding: mu, the autoencoder's code (μ for vae, the feature for none); mu-bn, that "
         "code through the identity classifier's BatchNorm neck")
-    add("--pretrained", default=None, help="'imagenet' for torchvision/timm weights, or a local state-dict file")
+    add("--pretrained", default=None,
+        help="'imagenet' for torchvision/timm weights, a local state-dict file, or 'none' (random weights)")
     add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
     add("--recon-target", choices=RECON_TARGETS, default="feature",
         help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")
@@ -165,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; `--flag_name` and `--flag-name` are the same flag."""
     parser = build_parser()
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    if args.pretrained == "none":
+        args.pretrained = None
     if args.sparsity is None:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
     if args.result_dir is None:
@@ -459,6 +462,7 @@ class Run:
     resumed_meters: dict = field(default_factory=dict)
     meters: dict[str, AverageMeter] = field(default_factory=dict)
     started: float = 0.0
+    epoch_started: float = 0.0
     images_seen: int = 0
     stop_asked: bool = False
 
@@ -583,6 +587,7 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     """One epoch of steps (from the resumed batch in the first); True when a stop request or --max-steps ended it
     inside the epoch. A stop request reaches every rank with a step's flags, so all stop at the same step."""
     args = run.args
+    run.epoch_started = time.time()
     run.sampler.set_epoch(epoch, run.start_batch if epoch == run.start_epoch else 0)
     run.model.train()
     run.meters = {name: AverageMeter() for name in ("loss", *LOSS_TERMS)}
@@ -666,7 +671,8 @@ def end_epoch(run: Run, epoch: int) -> None:
     args, model = run.args, run.model
     row = {"epoch": epoch, "step": run.step, **{n: m.mean for n, m in run.meters.items() if m.count},
            **{group["name"]: group["lr"] for group in run.optimizer.param_groups},
-           "images_per_s": run.images_seen / max(time.time() - run.started, 1e-9), **weight_record(run.balancer)}
+           "images_per_s": run.images_seen / max(time.time() - run.started, 1e-9),
+           "epoch_seconds": time.time() - run.epoch_started, **weight_record(run.balancer)}
     if run.val_loader is not None and (epoch % args.eval_every == 0 or epoch == args.epochs):
         model.eval()
         row.update(validate(model, run.val_loader, run.num_query, args.data))

@@ -102,7 +102,7 @@ def guard_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     apply_gradients sets the flag."""
     if not optimizer.defaults.get("fused"):
         raise ValueError("skipping a non-finite update on the device needs a fused optimiser (fused=True)")
-    device = optimizer.param_groups[0]["params"][0].device
+    device = next(p.device for group in optimizer.param_groups for p in group["params"])
     optimizer.grad_scale, optimizer.found_inf = None, torch.zeros((), device=device)
     return optimizer
 

@@ -109,7 +109,7 @@ def synthetic_prepared(folder: Path, train_ids: int, seed: int) -> Path:
     folder's name fixes the settings, and prepare writes prepare.json last), then reused without checking it again."""
     if not (folder / "prepared" / "prepare.json").is_file():
         config = SyntheticConfig(train_ids=train_ids, test_ids=2, distractors=0, junk=0, seed=seed)
-        prepare.ensure_synthetic(folder / "raw", config, progress=False)
+        prepare.ensure_synthetic(folder / "raw", config, progress=False, workers=prepare.DEFAULT_WORKERS)
         prepare.prepare(folder / "raw", folder / "prepared", copy=False, val_ids=0, test_share=0.6, seed=seed)
     return folder / "prepared"
 

@@ -158,8 +158,8 @@ def test_an_interrupted_generation_leaves_its_marked_folder_and_a_rerun_complete
              "--width", "8", "--distractors", "1", "--junk", "1", "--quiet"]
     real = prepare.write_synthetic
 
-    def interrupted(folder: Path, config, progress: bool):
-        real(folder, config, progress=progress)
+    def interrupted(folder: Path, config, progress: bool, workers: int):
+        real(folder, config, progress=progress, workers=workers)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare, "write_synthetic", interrupted)

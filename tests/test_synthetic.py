@@ -80,6 +80,12 @@ def test_default_preset_writes_the_same_images_as_before_presets(tmp_path: Path)
     assert tree_sha256(tmp_path) == HASHED_SHA256
 
 
+def test_worker_processes_write_the_same_images_as_one(tmp_path: Path):
+    counts = write_synthetic(tmp_path, HASHED, progress=False, workers=3)
+    assert tree_sha256(tmp_path) == HASHED_SHA256
+    assert counts == plan_counts(HASHED, synthetic_plan(HASHED))
+
+
 def test_market_preset_plans_market_1501s_counts():
     config = preset_config("market")
     people = synthetic_plan(config)
