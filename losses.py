@@ -140,7 +140,7 @@ class LossWeights:
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
                model: Verifier | None, margin: float = 0.3, label_smoothing: float = 0.1,
                sparsity_target: float = 0.05, sparsity_mode: str = "kl",
-               pair_count: int | None = None, kl_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+               pair_count: int | None = None, kl_scale: float | Tensor = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted sum of the terms, and each computed term (unweighted) by name; the KL's weight is scaled by
     `kl_scale` (β, warm-up included) in the sum.
 
@@ -238,8 +238,8 @@ class LossBalancer(nn.Module):
         self.register_buffer("prior", torch.tensor(list(prior.values()), dtype=torch.float32))
         if mode == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(prior)))
-        # The KL's β at this step (TrainStep sets it): the scale of the KL gradient the network receives.
-        self.kl_scale = 1.0
+        # The KL's β at this step (TrainStep shares its tensor): the scale of the KL gradient the network receives.
+        self.kl_scale: float | Tensor = 1.0
         if mode == "gradnorm":
             self.weights = nn.Parameter(renormalise(self.prior.clone()))
             # L₀ of each term, measured at the first step; zeros until then. Kept in the state for --resume.
@@ -262,7 +262,7 @@ class LossBalancer(nn.Module):
 
     def weighed(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """The terms as the network's total takes them: the KL times its β at this step (kl_scale)."""
-        return {**terms, "kl": terms["kl"] * self.kl_scale} if "kl" in terms and self.kl_scale != 1.0 else terms
+        return {**terms, "kl": terms["kl"] * self.kl_scale} if "kl" in terms else terms
 
     def forward(self, terms: dict[str, Tensor]) -> Tensor:
         """The total loss the network minimises: Σ w_i·L_i (plus Σ prior_i·s_i for uncertainty), the KL weighed."""

@@ -79,6 +79,7 @@ RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "
                  "beta", "embedding", *LOSS_TERMS, "margin", "label_smoothing", "sparsity_target", "sparsity_mode",
                  "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
                  "warmup_epochs", "erasing", "lighting")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
 ABSENT_FLAGS = {"degraded_views": "False"}
 
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "memory; a set that fits neither falls back to pil with a message) and augmented a batch at a time; "
         "pil: decoded and augmented image by image in --workers processes")
     add("--compile", action="store_true", help="torch.compile the training step (forward and losses)")
+    add("--compile-mode", choices=COMPILE_MODES, default="default",
+        help="torch.compile's mode with --compile: reduce-overhead replays the step as CUDA graphs (one launch for "
+        "its kernels, on a GPU), max-autotune-no-cudagraphs searches kernel configurations")
     add("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     add("--eval-batch", type=int, default=128)
     add("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps inside an epoch")
@@ -516,7 +520,7 @@ def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: in
                   or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    return torch.compile(step_module) if args.compile else step_module
+    return torch.compile(step_module, mode=args.compile_mode) if args.compile else step_module
 
 
 def setup_run(args: argparse.Namespace) -> Run:

@@ -46,8 +46,23 @@ class TrainStep(nn.Module):
         self.batch_k = args.batch_k
         self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
         self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
+        # β at this step on the device, shared with the balancer: a compiled step reads the tensor, so a new step
+        # neither recompiles it nor changes its CUDA graph.
+        self.register_buffer("kl_scale", torch.ones((), device=next(model.parameters()).device), persistent=False)
+        balancer.kl_scale = self.kl_scale
         self.step = 0
 
+    @property
+    def step(self) -> int:
+        """The step the next batch is: it fixes β (kl_scale) and the degraded views' draws."""
+        return self._step
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self._step = step
+        self.kl_scale.fill_(kl_beta(step, self.kl_warmup_steps, self.beta))
+
+    @torch.compiler.disable
     def views(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The model's inputs: with --degraded-views the degraded batch, which every loss sees, and the clean one,
         which only the reconstruction target is made from (a model without one ignores it: plain augmentation);
@@ -60,13 +75,11 @@ class TrainStep(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(*self.views(images))
-        kl_scale = kl_beta(self.step, self.kl_warmup_steps, self.beta)
         # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
-        total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=kl_scale, **self.options,
+        total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=self.kl_scale, **self.options,
                                   pair_count=pk_pair_count(len(labels), self.batch_k))
         if self.balancer.mode != "fixed":
-            self.balancer.kl_scale = kl_scale  # it weighs the KL, and GradNorm measures its gradient, as warmed up
-            total = self.balancer(terms)
+            total = self.balancer(terms)  # it weighs the KL, and GradNorm measures its gradient, by kl_scale
         return total, terms
 
 

@@ -20,7 +20,9 @@
 #   grid        the seed's grid: resnet152 densenet121 vgg16_bn swin_b × none, vae, sae with degraded views, all
 #               at once on the one GPU, GRID_EPOCHS (default 4) epochs each, then clean and corrupted test mAP
 #
-# Environment: PYTHON (default python3), DEVICE (cuda), IMG ("256 128"), WORKERS (12), MARKET_EPOCHS, GRID_EPOCHS,
+# Environment: ITEMS (the items to run, default all), STEP_FLAGS and MARKET_FLAGS (more train.py flags for the
+# step bench and the market run, e.g. "--compile --compile-mode reduce-overhead"),
+# PYTHON (default python3), DEVICE (cuda), IMG ("256 128"), WORKERS (12), MARKET_EPOCHS, GRID_EPOCHS,
 # and for a small trial on the CPU DATA_ROOT (data/suite-market), prepare.py's flags for the data DATA_FLAGS
 # (default: the market preset's own sizes) and the grid's runs GRID ("backbone,ae[,flags] ...").
 set -u
@@ -35,6 +37,9 @@ RAW=$DATA-raw
 MARKET_EPOCHS=${MARKET_EPOCHS:-12}
 GRID_EPOCHS=${GRID_EPOCHS:-4}
 DATA_FLAGS=${DATA_FLAGS:-}
+ITEMS=${ITEMS:-data step model_step market eval grid}
+STEP_FLAGS=${STEP_FLAGS:-}
+MARKET_FLAGS=${MARKET_FLAGS:-}
 GRID=${GRID:-"resnet152,none resnet152,vae resnet152,sae,--degraded-views densenet121,none densenet121,vae
 densenet121,sae,--degraded-views vgg16_bn,none vgg16_bn,vae vgg16_bn,sae,--degraded-views swin_b,none swin_b,vae
 swin_b,sae,--degraded-views"}
@@ -45,6 +50,7 @@ export PYTHONUNBUFFERED=1
 item() {
     local name=$1 least=$2 limit=$3 left rc
     shift 3
+    case " $ITEMS " in *" $name "*) ;; *) return 0 ;; esac
     if [ -f "$RESULTS/$name.done" ]; then echo "== $name: done earlier"; return 0; fi
     left=$((BUDGET - SECONDS))
     if [ "$left" -lt "$least" ]; then echo "== $name: not run, ${left} s left of $BUDGET (needs $least)"; return 1; fi
@@ -70,7 +76,7 @@ market_train() {
         --no-degraded-views --embedding mu-bn --pretrained none --last-stride 1 --bce 0 --img-size $IMG \
         --batch-p 16 --batch-k 4 --lr 3.5e-4 --lr-classifier 3.5e-4 --scheduler step --milestones 0.3333 0.5833 \
         --warmup-epochs "$(awk "BEGIN {print $MARKET_EPOCHS / 12}")" --epochs "$MARKET_EPOCHS" --erasing 0.5 \
-        --label-smoothing 0.1 --amp --device "$DEVICE" --workers "$WORKERS" --quiet \
+        --label-smoothing 0.1 --amp --device "$DEVICE" --workers "$WORKERS" --quiet $MARKET_FLAGS \
         $([ -f "$RESULTS/market/checkpoint.pt" ] && echo --resume)
 }
 
@@ -98,17 +104,17 @@ grid() {
     return "$failed"
 }
 
-export RESULTS PY DEVICE IMG WORKERS DATA MARKET_EPOCHS GRID_EPOCHS GRID
+export RESULTS PY DEVICE IMG WORKERS DATA MARKET_EPOCHS GRID_EPOCHS GRID MARKET_FLAGS
 export -f market_train grid_run grid
 versions
 # shellcheck disable=SC2086
 item data 60 300 $PY prepare.py --synthetic "$RAW" --preset market $DATA_FLAGS --out "$DATA" --val-ids 0 \
     --workers "$(nproc)" --quiet || exit 1
 item step 120 300 $PY bench/train_throughput.py --device "$DEVICE" --data "$DATA" --workers "$WORKERS" \
-    --compile-row --rounds 3 --steps 30 --warmup 5 --img-size $IMG --json "$RESULTS/step_resnet50.json"
+    --compile-row --rounds 3 --steps 30 --warmup 5 --img-size $IMG --json "$RESULTS/step_resnet50.json" -- $STEP_FLAGS
 item model_step 45 120 $PY bench/model_step.py --device "$DEVICE" --backbones resnet50 --ae vae none --batch 64 \
     --img-size $IMG --profile --json "$RESULTS/model_step_resnet50.json"
-item market 90 400 market_train
+item market 90 300 market_train
 item eval 45 200 $PY bench/eval_timing.py --all-dir "$RESULTS/market" --device "$DEVICE" --workers "$WORKERS" \
     --batch-size 256 --json "$RESULTS/eval_timing.json"
 item grid 240 3600 grid

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(learnable: Path, 
     rows_whole, rows_parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
     assert [r.keys() for r in rows_whole] == [r.keys() for r in rows_parts]
     for row_whole, row_parts in zip(rows_whole, rows_parts, strict=True):
-        timeless = [k for k in row_whole if k != "images_per_s"]
+        timeless = [k for k in row_whole if k not in ("images_per_s", "epoch_seconds")]
         assert [row_parts[k] for k in timeless] == pytest.approx([row_whole[k] for k in timeless], rel=1e-5)
 
 
@@ -630,6 +631,33 @@ def test_kl_warm_up_ramps_beta_from_zero():
         expected = sum(weights[name] * value.item() for name, value in terms.items())
         assert total.item() == pytest.approx(expected, rel=1e-5), at
         assert "kl" in terms  # reported unweighted even while β is 0
+
+
+def test_a_compiled_step_compiles_once_while_beta_and_the_degraded_views_change_by_step():
+    """A new step's β and view seed reach the compiled step as data: no recompilation (which past dynamo's limit
+    falls back to eager), and the compiled step's total follows β as the eager one does."""
+    step = tiny_step(["--ae-name", "vae", "--kl", "0.1", "--kl-warmup", "2", "--beta", "4", "--degraded-views"])
+    compiled_graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, inputs: list) -> Callable:
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=counting_backend)
+    images, labels = batch()
+    totals = {}
+    for at in (0, 2, 5, 8):
+        step.step = at
+        torch.manual_seed(7)
+        totals[at], terms = compiled(images, labels)
+        expected = sum(w * terms[n].item() for n, w in {"triplet": 1.0, "id": 1.0, "kl": 0.1 * trainstep.kl_beta(
+            at, 8, 4.0), "reconstruction": 1.0, "bce": 1.0}.items())
+        assert totals[at].item() == pytest.approx(expected, rel=1e-5), at
+        if at == 0:
+            first = len(compiled_graphs)
+    torch._dynamo.reset()
+    assert first >= 1 and len(compiled_graphs) == first
 
 
 def test_mu_bn_embeds_through_the_neck_and_the_siamese_head_gets_the_code_back():
