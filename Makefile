@@ -9,7 +9,7 @@ SYNTH := $(DATA)/synthetic
 PREPARED := $(DATA)/prepared
 RUN := runs/demo
 
-.PHONY: venv demo test lint bench bench-gpu pairings clean-demo
+.PHONY: venv demo test lint bench bench-gpu gpu-suite pairings clean-demo
 
 venv: $(STAMP)
 
@@ -55,6 +55,13 @@ bench-gpu: $(STAMP)
 	$(PY) bench/train_throughput.py --device cuda --backbone resnet152 --json runs/bench/train_throughput_resnet152.json
 	$(PY) bench/train_throughput.py --device cuda --backbone swin_b --json runs/bench/train_throughput_swin_b.json
 	$(PY) bench/model_step.py --device cuda --seed-list --json runs/bench/model_step_cuda.json
+
+# On a CUDA machine: the README's "On one GPU" figures, in order of priority under a time budget (seconds),
+# resumable: the step and loader, the model step, the Market-size schedule, evaluation, the seed's grid.
+GPU_SECONDS := 540
+
+gpu-suite: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_suite.sh runs/gpu $(GPU_SECONDS)
 
 # Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): the README's
 # table. Finished pairings are skipped, so it resumes; results in runs/pairings/pairings.md and pairings.png.
