@@ -90,10 +90,28 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.")
 DENSENET_OLD_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12]\.)")
 
 
-def _fetch_error(name: str, source: str, err: OSError) -> PretrainedWeightsError:
+def _fetch_error(pretrained: str, name: str, source: str, cache: str, err: OSError) -> PretrainedWeightsError:
     return PretrainedWeightsError(
-        f"--pretrained imagenet: could not download the ImageNet weights of backbone {name} ({err}). "
-        f"Fetch them where there is network access ({source}) and pass the file: --pretrained PATH")
+        f"--pretrained {pretrained}: could not download the ImageNet weights of backbone {name} ({err}). Fetch "
+        f"{source} where there is network access into {cache} (read from there next time), or pass the file: "
+        "--pretrained PATH, or train from random weights: --pretrained none")
+
+
+def is_weights_name(pretrained: str | Path | None) -> bool:
+    """Whether `pretrained` names torchvision weights (IMAGENET1K_V1, ...) rather than a file."""
+    return isinstance(pretrained, str) and bool(re.fullmatch(r"[A-Z0-9_]+", pretrained)) and not Path(
+        pretrained).exists()
+
+
+def torchvision_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
+    """The torchvision weights of backbone `name` that `pretrained` names: imagenet is the library's DEFAULT."""
+    weights = torchvision.models.get_model_weights(name)
+    if pretrained == "imagenet":
+        return weights.DEFAULT
+    if pretrained not in weights.__members__:
+        raise ValueError(f"--pretrained {pretrained}: not a weights name of {name}; expected imagenet, "
+                         f"{', '.join(weights.__members__)}, a file or none")
+    return weights[pretrained]
 
 
 def _set_last_stride_one(resnet: nn.Module) -> None:
@@ -101,14 +119,17 @@ def _set_last_stride_one(resnet: nn.Module) -> None:
     for module in resnet.layer4[0].modules():
         if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
             module.stride = (1, 1)
+        elif isinstance(module, nn.AvgPool2d) and module.stride in (2, (2, 2)):  # timm's avg-down shortcut (50d)
+            module.kernel_size, module.stride = 1, 1
 
 
-def _torchvision_backbone(name: str, imagenet: bool, last_stride: int) -> tuple[nn.Module, int]:
+def _torchvision_backbone(name: str, pretrained: str | None, last_stride: int) -> tuple[nn.Module, int]:
+    weights = torchvision_weights(name, pretrained) if pretrained else None
     try:
-        model = torchvision.models.get_model(name, weights="DEFAULT" if imagenet else None)
+        model = torchvision.models.get_model(name, weights=weights)
     except OSError as err:
-        url = torchvision.models.get_model_weights(name).DEFAULT.url
-        raise _fetch_error(name, url, err) from err
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        raise _fetch_error(pretrained, name, weights.url, str(cache), err) from err
     family = re.match(r"[a-z]+", name).group()
     if family == "vgg":
         # Pool the conv features globally; the 7×7 pool and the FC layers are ImageNet-specific.
@@ -134,9 +155,13 @@ def _timm_backbone(name: str, imagenet: bool, img_size: tuple[int, int]) -> tupl
                 raise
             model = timm.create_model(name, **kwargs)
     except OSError as err:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
         cfg = timm.models.get_pretrained_cfg(name)
-        source = f"{cfg.hf_hub_id} on the Hugging Face Hub" if cfg and cfg.hf_hub_id else "timm's weights"
-        raise _fetch_error(TIMM_PREFIX + name, source, err) from err
+        hub_id = cfg.hf_hub_id if cfg and cfg.hf_hub_id else None
+        source = f"{hub_id} from the Hugging Face Hub" if hub_id else "timm's weights"
+        cache = f"{HF_HUB_CACHE}/models--{hub_id.replace('/', '--')}" if hub_id else "timm's cache"
+        raise _fetch_error("imagenet", TIMM_PREFIX + name, source, cache, err) from err
     # Some models (MobileNetV3) add a pre-logits layer after num_features; its width is the output's.
     return model, getattr(model, "head_hidden_size", None) or model.num_features
 
@@ -167,20 +192,27 @@ def build_backbone(name: str, pretrained: str | Path | None = None, last_stride:
                    img_size: tuple[int, int] = (256, 128)) -> tuple[nn.Module, int]:
     """A backbone mapping [B, 3, H, W] images to [B, F] pooled features, and F.
 
-    `pretrained`: None (random init), "imagenet", or a weights file. `last_stride` applies to ResNets;
-    `img_size` to timm models that fix their input size at creation.
+    `pretrained`: None or "none" (random init), "imagenet", a torchvision weights name, or a weights file.
+    `last_stride` applies to ResNets (torchvision's and timm's); `img_size` to timm models that fix their input size
+    at creation.
     """
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, not {last_stride}")
-    imagenet = pretrained == "imagenet"
+    pretrained = None if pretrained == "none" else pretrained
+    library = pretrained == "imagenet" or is_weights_name(pretrained)
     if name.startswith(TIMM_PREFIX):
-        backbone, dim = _timm_backbone(name[len(TIMM_PREFIX):], imagenet, tuple(img_size))
+        if library and pretrained != "imagenet":
+            raise ValueError(f"--pretrained {pretrained}: weights names are torchvision's; a timm model takes "
+                             "imagenet (its name picks the weights, e.g. timm:resnet50.a1_in1k) or a file")
+        backbone, dim = _timm_backbone(name[len(TIMM_PREFIX):], library, tuple(img_size))
+        if last_stride == 1 and hasattr(backbone, "layer4"):  # timm's ResNets name their stages as torchvision's
+            _set_last_stride_one(backbone)
     elif name in TORCHVISION_DIMS:
-        backbone, dim = _torchvision_backbone(name, imagenet, last_stride)
+        backbone, dim = _torchvision_backbone(name, pretrained if library else None, last_stride)
     else:
         raise ValueError(f"unknown backbone {name!r}: expected one of {', '.join(BACKBONE_NAMES)}, "
                          f"or {TIMM_PREFIX}<name> for any timm model")
-    if pretrained is not None and not imagenet:
+    if pretrained is not None and not library:
         load_pretrained_file(backbone, pretrained, name)
     return backbone, dim
 
@@ -490,14 +522,20 @@ def classifier_classes(state: dict | None) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
+def model_from_settings(settings: dict, num_classes: int, pretrained: str | Path | None = None) -> ReIDModel:
+    """The model `settings` (trained_settings's keys) describe, its backbone from `pretrained`: the one construction
+    that training and evaluation share."""
+    return ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
+                     pretrained=pretrained, last_stride=settings["last_stride"], img_size=tuple(settings["img_size"]),
+                     recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"))
+
+
 def build_trained(settings: dict, device: str | torch.device = "cpu") -> ReIDModel:
     """The model named by `settings` with its saved parts loaded, in eval mode; a part that does not fit is named."""
     states = {part: read_state_dict(path) for part, path in settings["files"].items()}
     num_classes = settings["num_classes"] or classifier_classes(states.get("classifier")) or 1
     try:
-        model = ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
-                          last_stride=settings["last_stride"], img_size=settings["img_size"],
-                          recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"))
+        model = model_from_settings(settings, num_classes)
     except ValueError as err:
         raise UserError(str(err)) from err
     parts = model.parts()

@@ -39,7 +39,6 @@ from datasets import (
 from synthetic import PRESETS, SyntheticConfig, preset_config, write_synthetic
 from utils import LOG, UserError, normalise_flag_spelling, read_json, run_script, setup_logging, write_json
 
-DEFAULT_VAL_IDS = 100
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 SYNTHETIC_RECORD = "synthetic.json"
 # Where a synthetic set is generated inside its folder, and the file that marks that folder as prepare.py's own.
@@ -61,9 +60,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="prepared root to write (links and splits/*.json)")
     parser.add_argument("--synthetic", type=Path, help="write the synthetic Market-format set to this folder")
     parser.add_argument("--copy", action="store_true", help="copy images instead of linking them")
-    parser.add_argument("--val-ids", type=int, default=None,
-                        help=f"training identities held out for validation (default {DEFAULT_VAL_IDS}, "
-                        "at most a fifth of the training identities)")
+    parser.add_argument("--val-ids", type=int, default=0,
+                        help="training identities held out for validation (default 0, the standard protocol: every "
+                        "identity of bounding_box_train trains and train.py keeps the last epoch; with N, train.py "
+                        "validates on them and keeps the best epoch)")
     parser.add_argument("--test-share", type=float, default=0.6, help="the seed split's share of images for test")
     parser.add_argument("--seed", type=int, default=0)
     synth = parser.add_argument_group("synthetic set (sizes default to the preset's)")
@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--test-share {args.test_share}: expected a number between 0 and 1")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected 1 or more")
-    if args.val_ids is not None and args.val_ids < 0:
+    if args.val_ids < 0:
         parser.error(f"--val-ids {args.val_ids}: expected 0 or more")
     for name in SIZE_FLAGS:
         least = 0 if name in ("distractors", "junk") else 1
@@ -234,7 +234,7 @@ def split_manifests(placed: dict[str, list[ImageRecord]], out: Path, val_ids: in
     return manifests, lines
 
 
-def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: float, seed: int, fmt: str = "auto",
+def prepare(raw: Path, out: Path, copy: bool, val_ids: int, test_share: float, seed: int, fmt: str = "auto",
             subset: str = "detected", workers: int = DEFAULT_WORKERS, progress: bool = True) -> dict:
     """Write the prepared root and every split manifest; return the summary that prepare.json holds."""
     found = find_dataset(raw, fmt, subset)
@@ -243,8 +243,6 @@ def prepare(raw: Path, out: Path, copy: bool, val_ids: int | None, test_share: f
     counts = {part: split_counts(parts[part]) for part in ("train", "query", "gallery")}
     parts, unreadable = drop_unreadable(parts, found.root, workers, progress)
     placed = {part: place_records(records, out / MARKET_FOLDERS[part], copy) for part, records in parts.items()}
-    if val_ids is None:
-        val_ids = min(DEFAULT_VAL_IDS, len({r.pid for r in placed["train"]}) // 5)
     manifests, lines = split_manifests(placed, out, val_ids, test_share, seed)
     name = dataset_name(found)
     source = {"raw": str(found.root.resolve()), "seed": seed, "val_ids": val_ids, "test_share": test_share,

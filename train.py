@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,18 @@ from datasets import (
 from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from degradations import to_pixels
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
-from model import AE_NAMES, EMBEDDINGS, RECON_TARGETS, ReIDModel, load_part_state, read_state_dict
+from model import (
+    AE_NAMES,
+    BACKBONE_NAMES,
+    EMBEDDINGS,
+    RECON_TARGETS,
+    ReIDModel,
+    load_part_state,
+    model_from_settings,
+    read_state_dict,
+    trained_settings,
+)
+from recipes import given_flags, with_recipe
 from trainstep import (
     LossRead,
     TrainStep,
@@ -55,6 +67,7 @@ from utils import (
     AverageMeter,
     UserError,
     config_record,
+    hold_run_lock,
     load_torch,
     normalise_flag_spelling,
     part_file,
@@ -73,21 +86,26 @@ from utils import (
 )
 
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
+# The autoencoders whose outputs a term needs (the others terms need only the embedding and the heads).
+TERM_AUTOENCODERS = {"kl": ("vae",), "sparsity": ("sae",),
+                     "reconstruction": tuple(name for name in AE_NAMES if name != "none")}
 # Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
                  "beta", "embedding", *LOSS_TERMS, "margin", "label_smoothing", "sparsity_target", "sparsity_mode",
                  "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
-                 "warmup_epochs", "erasing", "lighting")
+                 "warmup_epochs", "warmup_factor", "erasing", "lighting")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
-ABSENT_FLAGS = {"degraded_views": "False"}
+ABSENT_FLAGS = {"degraded_views": "False", "warmup_factor": "0.1"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of train.py: the seed's names, and the rest of DESIGN's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
+    add("--config", type=Path, help="a recipe file: YAML whose keys are these flags' names (configs/ holds the "
+        "project's; a result's config.json is one too); flags given on the command line win")
     add("--data", type=Path, default=Path("data/prepared"), help="prepared root written by prepare.py")
     add("--result-dir", type=Path, default=None, help="where results go (default runs/<backbone>_<ae>)")
     add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
@@ -105,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--embedding", choices=EMBEDDINGS, default="mu",
         help="the retrieval embedding: mu, the autoencoder's code (μ for vae, the feature for none); mu-bn, that "
         "code through the identity classifier's BatchNorm neck")
-    add("--pretrained", default=None,
-        help="'imagenet' for torchvision/timm weights, a local state-dict file, or 'none' (random weights)")
+    add("--pretrained", default="imagenet",
+        help="imagenet: the library's ImageNet weights (torchvision's DEFAULT, or timm's), downloaded once into its "
+        "cache; a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, ...); a state-dict file; or none")
     add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
     add("--recon-target", choices=RECON_TARGETS, default="feature",
         help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")
@@ -116,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=3.5e-4, help="learning rate of backbone and autoencoder")
     add("--lr-classifier", type=float, default=3.5e-4, help="learning rate of classifier and Siamese head")
     add("--weight-decay", type=float, default=5e-4)
-    add("--scheduler", choices=("cosine", "step"), default="cosine")
-    add("--milestones", type=float, nargs="*", default=[0.5, 0.8], help="step decay ×0.1 at these shares of training")
-    add("--warmup-epochs", type=float, default=2.0, help="linear warm-up from 10%% of the learning rate")
-    add("--epochs", type=int, default=30)
+    add("--scheduler", choices=("cosine", "step"), default="step",
+        help="step: ×0.1 at each of --milestones; cosine: down to 1%% of the learning rate at the last epoch")
+    add("--milestones", type=float, nargs="*", default=[40.0, 70.0], help="epochs of the step scheduler's ×0.1 decays")
+    add("--warmup-epochs", type=float, default=10.0, help="epochs of linear warm-up to the learning rate")
+    add("--warmup-factor", type=float, default=0.01, help="the warm-up's first learning rate, as a share of --lr")
+    add("--epochs", type=int, default=120)
     add("--max-steps", type=int, default=None, help="stop after this many steps in all (a checkpoint is kept)")
     add("--batch-p", type=int, default=16, help="identities a batch")
     add("--batch-k", type=int, default=4, help="images an identity in a batch")
@@ -169,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; `--flag_name` and `--flag-name` are the same flag."""
     parser = build_parser()
-    args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
-    if args.pretrained == "none":
-        args.pretrained = None
+    tokens = with_recipe(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)), parser)
+    args = parser.parse_args(tokens)
+    check_batch_and_schedule(parser, args)
+    given = given_flags(tokens, parser)
+    check_loss_inputs(parser, args, given)
+    if "last_stride" in given and args.backbone_name in BACKBONE_NAMES and not args.backbone_name.startswith("resnet"):
+        parser.error(f"--last-stride: applies to ResNets (torchvision's and timm's); {args.backbone_name} is not one")
     if args.sparsity is None:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
     if args.result_dir is None:
@@ -199,6 +224,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.ae_name not in AE_NAMES:
         parser.error(f"--ae-name {args.ae_name}: expected one of {', '.join(AE_NAMES)}")
     return args
+
+
+def check_batch_and_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A P×K batch with positives and negatives for every identity, and a schedule that fits the epochs."""
+    if args.batch_k < 2:
+        parser.error(f"--batch-k {args.batch_k}: expected 2 or more images an identity (the triplet and Siamese "
+                     "terms need a positive pair in each batch)")
+    if args.batch_p < 2:
+        parser.error(f"--batch-p {args.batch_p}: expected 2 or more identities a batch (the triplet and Siamese "
+                     "terms need negatives)")
+    if not 0 < args.warmup_factor <= 1:
+        parser.error(f"--warmup-factor {args.warmup_factor:g}: expected a share of the learning rate, above 0, "
+                     "at most 1")
+    late = [m for m in args.milestones if not 0 < m <= args.epochs]
+    if args.scheduler == "step" and late:
+        parser.error(f"--milestones {' '.join(f'{m:g}' for m in late)}: expected epochs from 1 to --epochs "
+                     f"{args.epochs}; scale them with the epochs (configs/ say how), or use --scheduler cosine")
+
+
+def check_loss_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """A loss weight given explicitly for a term the chosen autoencoder does not produce is an error."""
+    for name, autoencoders in TERM_AUTOENCODERS.items():
+        if name in given and getattr(args, name) > 0 and args.ae_name not in autoencoders:
+            parser.error(f"--{name} {getattr(args, name):g}: --ae-name {args.ae_name} has no {name} term (it comes "
+                         f"with {', '.join(autoencoders)}); leave the flag out or set it to 0")
 
 
 def loss_weights(args: argparse.Namespace) -> LossWeights:
@@ -271,14 +321,16 @@ def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBa
     return guard_updates(torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=True))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestones: Sequence[float]) -> float:
-    """Learning-rate multiplier at a step: linear warm-up from 0.1, then cosine to 0.01 or ×0.1 steps."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestone_steps: Sequence[int],
+              warmup_factor: float) -> float:
+    """Learning-rate multiplier at a step: linear warm-up from `warmup_factor`, then cosine to 0.01 or ×0.1 at
+    each milestone step."""
     if step < warmup_steps:
-        return 0.1 + 0.9 * step / warmup_steps
+        return warmup_factor + (1 - warmup_factor) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if scheduler == "cosine":
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return 0.1 ** sum(step >= m * total_steps for m in milestones)
+    return 0.1 ** sum(step >= m for m in milestone_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -469,6 +521,7 @@ class Run:
     epoch_started: float = 0.0
     images_seen: int = 0
     stop_asked: bool = False
+    lock: IO | None = None  # result_dir's lock, held by rank 0 for the run
 
     @property
     def checkpoint_path(self) -> Path:
@@ -498,9 +551,7 @@ def start_process(args: argparse.Namespace) -> tuple[int, int, torch.device]:
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> tuple[ReIDModel, bool]:
     """The model with its --pre-* parts on the device, and whether bf16 autocast is on."""
     try:
-        model = ReIDModel(args.backbone_name, args.ae_name, num_classes, latent_dim=args.latent_dim,
-                          pretrained=args.pretrained, last_stride=args.last_stride, img_size=tuple(args.img_size),
-                          recon_target=args.recon_target)
+        model = model_from_settings(trained_settings(vars(args), {}, num_classes), num_classes, args.pretrained)
     except ValueError as err:
         raise UserError(f"--backbone-name {args.backbone_name}: {err}") from err
     load_pretrained_parts(model, args)
@@ -527,6 +578,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     """Everything a run needs before its first epoch: data, model, optimiser, schedule, and a resumed state."""
     rank, world, device = start_process(args)
     result_dir, writer = Path(args.result_dir), rank == 0
+    lock = hold_run_lock(result_dir) if writer else None
     checkpoint_path = result_dir / CHECKPOINT_FILE
     if checkpoint_path.exists() and not args.resume:
         raise UserError(f"--result-dir {result_dir}: holds a run already; pass --resume to continue it "
@@ -551,12 +603,13 @@ def setup_run(args: argparse.Namespace) -> Run:
     optimizer = build_optimizer(model, args, balancer)
     steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, args.scheduler, args.milestones))
+    milestone_steps = [round(m * steps_per_epoch) for m in args.milestones]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_steps, warmup, args.scheduler, milestone_steps, args.warmup_factor))
     train_step = TrainStep(model, weights, balancer, args, steps_per_epoch)
     run = Run(args, device, world, writer, result_dir, records, model, use_amp, sampler, loader, val_loader,
               val_records, len(val_query), balancer, optimizer, scheduler,
-              train_step, build_step_module(train_step, args, world, device), steps_per_epoch)
+              train_step, build_step_module(train_step, args, world, device), steps_per_epoch, lock=lock)
     if args.resume:
         state = restore_checkpoint(checkpoint_path, run, rank)
         run.start_epoch, run.start_batch, run.step, run.history, run.best = (

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -187,6 +187,7 @@ def device_constant(values: tuple[float, ...], device: Any, dtype: Any = None) -
 
 PART_FILES = {"backbone": "backbone.pt", "ae": "ae.pt", "classifier": "classifier.pt"}
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".lock"  # a running train.py's process id; locked while it runs
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
@@ -257,6 +258,28 @@ def config_record(args: Any, **extra: Any) -> dict:
     """Every flag, the library versions and anything else worth keeping beside a result."""
     return {"flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "versions": versions(), **extra}
+
+
+def hold_run_lock(folder: Path) -> IO:
+    """Lock `folder` for this process (released when it exits, however it ends); a folder another live process
+    holds is refused, naming that process."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"--result-dir {folder}: another train.py (process {holder}) is running in it; wait for it "
+                        "to end or choose another --result-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

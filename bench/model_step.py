@@ -94,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def train_args(args: argparse.Namespace, backbone: str, ae: str, rest: list[str]) -> argparse.Namespace:
-    """train.py's flags for one row: every loss term on (sparsity at 1e-3, train.py's value for sae), clean batches
+    """train.py's flags for one row: random weights, every loss term the autoencoder has on, clean batches
     (`-- --degraded-views` adds the degraded views' second backbone pass), then `rest`."""
-    flags = ["--backbone-name", backbone, "--ae-name", ae, "--sparsity", "1e-3", "--no-degraded-views", "--batch-p",
+    flags = ["--backbone-name", backbone, "--ae-name", ae, "--pretrained", "none", "--no-degraded-views", "--batch-p",
              str(args.batch // args.k), "--batch-k", str(args.k), "--img-size", *map(str, args.img_size)]
     return train.parse_args(flags + (["--amp"] if args.amp else []) + rest)
 

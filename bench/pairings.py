@@ -54,6 +54,8 @@ COLUMNS = ("mAP", "mINP", "rank1", "rank5", "rank10")
 CORRUPTED_COLUMNS = ("corrupted_mAP", "corrupted_rank1")
 # eval.py's robustness protocol: every query and gallery image a corruption and severity drawn with a fixed seed.
 CORRUPT_FLAGS = ["--corrupt", "all", "--severity", "all", "--corrupt-seed", "0"]
+# The study's schedule for short budgets (random weights, cosine); a pass-through --config replaces it.
+STUDY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.yaml"
 ROW_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -178,7 +180,8 @@ def train_flags(run: Path, backbone: str, row_flags: list[str], seed: int, budge
     """train.py's flags for one run: clean batches unless the budget or the row asks for degraded views (train.py's
     default is on; a grid's rows say what they train on), the budget's, then the row's (with --resume when a
     checkpoint is there)."""
-    flags = ["--data", budget["data"], "--result-dir", str(run), "--backbone-name", backbone,
+    flags = ["--config", str(STUDY_CONFIG), "--data", budget["data"], "--result-dir", str(run),
+             "--backbone-name", backbone,
              "--epochs", str(budget["epochs"]), "--img-size", *map(str, budget["img_size"]),
              "--latent-dim", str(budget["latent_dim"]), "--seed", str(seed), "--workers", str(workers),
              "--quiet", "--no-degraded-views", *budget["train_flags"], *row_flags]

@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     train_args = train.parse_args(
         ["--backbone-name", args.backbone, "--ae-name", args.ae, "--img-size", *map(str, args.img_size),
          "--batch-p", str(args.batch[0]), "--batch-k", str(args.batch[1]), "--workers", str(args.workers),
-         "--device", str(device), "--seed", str(args.seed), "--no-degraded-views", *amp, *rest])
+         "--device", str(device), "--seed", str(args.seed), "--pretrained", "none", "--no-degraded-views", *amp, *rest])
     return args, train_args
 
 
@@ -171,7 +171,7 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     balancer = train.build_balancer(train_args, weights).to(device)
     optimizer = train.build_optimizer(model, train_args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
-        s, 10**6, 0, train_args.scheduler, train_args.milestones))
+        s, 10**6, 0, train_args.scheduler, [], 1.0))
     step_module = train.build_step_module(TrainStep(model, weights, balancer, train_args), train_args, 1, device)
     shared = train.shared_layer(model)
     queued: list[LossRead] = []

@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(2)
 
+# The short CPU schedule from random weights (configs/study.yaml): tests train for an epoch or two, offline.
+SHORT_SCHEDULE = ["--config", str(ROOT / "configs" / "study.yaml")]
+
 # The hand-made tree: ids 2, 7, 10 train; 1 and 3 test, 5 a query with no gallery image.
 TRAIN_NAMES = [
     "0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg", "0002_c3s1_000651_01.jpg",
@@ -61,6 +64,18 @@ def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic set big enough for validation mAP to mean something: 16 training and 8 validation ids."""
+    import prepare
+
+    base = tmp_path_factory.mktemp("learnable")
+    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), "--train-ids", "24",
+                  "--test-ids", "4", "--cameras", "3", "--images-per-camera", "3", "--height", "64", "--width", "32",
+                  "--distractors", "4", "--junk", "2", "--val-ids", "8", "--seed", "1", "--quiet"])
+    return base / "prepared"
+
+
+@pytest.fixture(scope="session")
 def other_domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny synthetic set drawn with seed 1: other people, cameras and backgrounds (data set
     'synthetic-seed1'), for cross-domain evaluation."""
@@ -77,7 +92,7 @@ def tiny_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory)
     import train
 
     result = tmp_path_factory.mktemp("eval_runs") / "run"
-    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+    train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
                 "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
                 "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
     return result

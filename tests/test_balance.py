@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, SHORT_SCHEDULE
 from losses import LossBalancer, gradnorm_loss, renormalise
 from utils import UserError, load_torch
 
-TINY = ["--backbone-name", "resnet18", "--latent-dim", "32", "--img-size", "64", "32", "--batch-p", "4",
-        "--batch-k", "2", "--workers", "0", "--quiet", "--deterministic", "--warmup-epochs", "0", "--epochs", "1"]
+TINY = [*SHORT_SCHEDULE, "--backbone-name", "resnet18", "--latent-dim", "32", "--img-size", "64", "32",
+        "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--deterministic", "--warmup-epochs", "0",
+        "--epochs", "1"]
 MODES = ("fixed", "uncertainty", "gradnorm")
 
 
@@ -127,7 +128,8 @@ def runs(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """One short resnet18 + VAE run a mode, with the Siamese BCE switched off (--bce 0)."""
     base = tmp_path_factory.mktemp("balance")
     for mode in MODES:
-        train.main(["--data", str(synthetic_prepared), "--result-dir", str(base / mode), "--ae-name", "vae",
+        train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(base / mode),
+                   "--ae-name", "vae",
                     "--kl", "0.01", "--bce", "0", "--balance", mode, "--lr-balance", "0.05", *TINY])
     return {mode: base / mode for mode in MODES}
 
@@ -182,7 +184,8 @@ def test_resume_keeps_the_learned_weights_exact(synthetic_prepared: Path, tmp_pa
 
 def test_balancing_with_no_active_term_names_the_flag(synthetic_prepared: Path, tmp_path: Path):
     with pytest.raises(UserError, match="--balance uncertainty: no loss term is active for --ae-name none"):
-        train.main(["--data", str(synthetic_prepared), "--result-dir", str(tmp_path / "r"), "--ae-name", "none",
+        train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(tmp_path / "r"),
+                   "--ae-name", "none",
                     "--balance", "uncertainty", "--triplet", "0", "--id", "0", "--bce", "0", "--kl", "1", *TINY])
     with pytest.raises(SystemExit):
         train.parse_args(["--lr-balance", "0"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import prepare
-from conftest import ROOT, make_market_tree
+from conftest import ROOT, SHORT_SCHEDULE, make_market_tree
 from datasets import load_eval_records, load_manifest, load_train_records
 from utils import UserError
 
@@ -244,7 +244,7 @@ def test_unreadable_images_are_listed_left_out_and_never_met_in_training(tmp_pat
     records, _ = load_train_records(out)
     query, gallery = load_eval_records(out, "val")
     assert all(load_image(r.path).size == (32, 64) for r in records + query + gallery)
-    summary = train.main(["--data", str(out), "--result-dir", str(tmp_path / "run"), "--epochs", "1",
+    summary = train.main([*SHORT_SCHEDULE, "--data", str(out), "--result-dir", str(tmp_path / "run"), "--epochs", "1",
                           "--backbone-name", "resnet18", "--ae-name", "none", "--img-size", "64", "32",
                           "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet"])
     assert summary["best_epoch"] == 1 and (tmp_path / "run" / "backbone.pt").is_file()

@@ -16,33 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
-import prepare
 import train
 import trainstep
-from conftest import ROOT
+from conftest import ROOT, SHORT_SCHEDULE
 from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
 from model import ReIDModel, build_trained
 from utils import UserError, load_torch
 
-TINY = ["--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64", "--img-size", "64", "32",
-        "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--deterministic", "--warmup-epochs", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic set big enough for validation mAP to mean something: 16 training and 8 validation ids."""
-    base = tmp_path_factory.mktemp("learnable")
-    prepare.main(["--synthetic", str(base / "raw"), "--out", str(base / "prepared"), "--train-ids", "24",
-                  "--test-ids", "4", "--cameras", "3", "--images-per-camera", "3", "--height", "64", "--width", "32",
-                  "--distractors", "4", "--junk", "2", "--val-ids", "8", "--seed", "1", "--quiet"])
-    return base / "prepared"
+TINY = [*SHORT_SCHEDULE, "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64",
+        "--img-size", "64", "32", "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--deterministic",
+        "--warmup-epochs", "0.5"]
 
 
 @pytest.fixture(scope="module")
 def trained(learnable: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short run of 6 epochs, shared by the tests that read its result directory."""
     result = tmp_path_factory.mktemp("runs") / "r18_vae"
-    train.main(["--data", str(learnable), "--result-dir", str(result), "--epochs", "6", "--lr", "1e-3",
+    train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(result), "--epochs", "6", "--lr", "1e-3",
                 "--lr-classifier", "1e-2", *TINY])
     return result
 
@@ -112,7 +102,7 @@ def test_pre_parts_load_from_a_file_or_a_result_directory(trained: Path, learnab
         saved = load_torch(trained / f"{part}.pt")
         for key, value in module.state_dict().items():
             assert torch.equal(value, saved[key]), (part, key)
-    train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "more"), "--epochs", "1",
+    train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "more"), "--epochs", "1",
                 "--pre-backbone", str(trained), "--pre-ae", str(trained), "--pre-classifier", str(trained), *TINY])
     first = read_metrics(tmp_path / "more")[0]
     assert first["val_mAP"] > read_metrics(trained)[0]["val_mAP"]  # starts from the trained parts
@@ -120,16 +110,16 @@ def test_pre_parts_load_from_a_file_or_a_result_directory(trained: Path, learnab
 
 def test_pre_part_that_does_not_fit_names_the_part(trained: Path, learnable: Path, tmp_path: Path):
     with pytest.raises(UserError, match=r"--pre-ae .*ae.pt: .*ae"):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
                     "--pre-ae", str(trained), *TINY, "--latent-dim", "32"])
     with pytest.raises(UserError, match=r"--pre-backbone .*nowhere.*no backbone weights"):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r2"), "--epochs", "1",
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r2"), "--epochs", "1",
                     "--pre-backbone", str(tmp_path / "nowhere"), *TINY])
 
 
 def test_unknown_names_list_the_valid_ones(learnable: Path, tmp_path: Path):
     with pytest.raises(UserError, match="--backbone-name resnet7: unknown backbone 'resnet7': expected .*resnet152"):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), *TINY,
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r"), *TINY,
                     "--backbone-name", "resnet7"])
     with pytest.raises(SystemExit):
         train.parse_args(["--ae-name", "gan"])
@@ -159,7 +149,7 @@ def test_data_is_recorded_as_an_absolute_path(tmp_path: Path, monkeypatch: pytes
 def test_pre_part_that_is_not_a_state_dict_is_named(learnable: Path, tmp_path: Path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(UserError, match=r"--pre-backbone .*tensor.pt: .*not a state dict"):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
                     "--pre-backbone", str(tmp_path / "tensor.pt"), *TINY])
 
 
@@ -169,7 +159,7 @@ def test_validation_split_with_nothing_to_rank_is_named_before_training(learnabl
     val = json.loads((data / "splits" / "val.json").read_text())
     (data / "splits" / "val.json").write_text(json.dumps({**val, "gallery": []}))
     with pytest.raises(UserError, match=r"split 'val' of .*prepared: .*gallery"):
-        train.main(["--data", str(data), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
+        train.main([*SHORT_SCHEDULE, "--data", str(data), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
@@ -231,7 +221,7 @@ def test_resume_at_max_steps_trains_nothing_more(learnable: Path, tmp_path: Path
 
 def test_existing_run_is_not_overwritten_without_resume(trained: Path, learnable: Path):
     with pytest.raises(UserError, match="holds a run already; pass --resume"):
-        train.main(["--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(trained), "--epochs", "1", *TINY])
 
 
 def poison_step(monkeypatch: pytest.MonkeyPatch, call: int, poison) -> None:
@@ -268,10 +258,12 @@ def test_a_non_finite_step_stops_the_run_with_the_last_good_state_saved(poison, 
     holds the weights, Adam state and schedule of a run stopped cleanly before it (batch norm's running
     statistics aside, which the forward passes move)."""
     good = tmp_path / "good"
-    train.main(["--data", str(learnable), "--result-dir", str(good), "--epochs", "1", "--max-steps", "2", *TINY])
+    train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(good), "--epochs", "1", "--max-steps",
+               "2", *TINY])
     poison_step(monkeypatch, 3, poison)
     with pytest.raises(UserError, match=message):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", *TINY])
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+                   *TINY])
     saved, expected = load_torch(tmp_path / "r" / "checkpoint.pt"), load_torch(good / "checkpoint.pt")
     assert (saved["step"], saved["batch"], saved["meters"]) == (2, 2, expected["meters"])
     parameters = [name for name, value in expected["model"].items() if value.is_floating_point()
@@ -300,7 +292,7 @@ def test_a_non_finite_batch_norm_statistic_keeps_the_last_checkpoint(learnable: 
     with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(batch 2\): .*but backbone\.bn1\."
                                         r"running_mean and \d+ other buffers went non-finite too, so no checkpoint "
                                         r"was written \(--resume continues from the last one"):
-        train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
+        train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1",
                     "--checkpoint-every", "1", "--no-degraded-views", *TINY])
     saved = load_torch(tmp_path / "r" / "checkpoint.pt")
     assert saved["step"] == 2
@@ -508,7 +500,8 @@ def test_a_stop_on_one_rank_stops_every_rank_and_the_run_resumes_exactly(learnab
 
 def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Path, tmp_path: Path):
     result = tmp_path / "recon"
-    train.main(["--data", str(learnable), "--result-dir", str(result), "--epochs", "3", "--recon-target", "image",
+    train.main([*SHORT_SCHEDULE, "--data", str(learnable), "--result-dir", str(result), "--epochs", "3",
+               "--recon-target", "image",
                 "--lr", "1e-3", *TINY])
     rows = read_metrics(result)[1:]
     assert rows[-1]["reconstruction"] < 0.8 * rows[0]["reconstruction"]
@@ -683,7 +676,7 @@ def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared
     import features
 
     result = tmp_path / "run"
-    train.main(["--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+    train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
                 "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "32", "--img-size", "64", "32",
                 "--batch-p", "4", "--batch-k", "2", "--workers", "0", "--quiet", "--degraded-views",
                 "--degrade-prob", "0.7", "--kl-warmup", "1", "--beta", "2", "--embedding", "mu-bn"])
