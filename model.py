@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from datasets import IMAGENET_MEAN, IMAGENET_STD
 from utils import PART_FILES, UserError, load_torch, read_json, resolve_device
 
 
@@ -162,8 +164,25 @@ def _timm_backbone(name: str, imagenet: bool, img_size: tuple[int, int]) -> tupl
         source = f"{hub_id} from the Hugging Face Hub" if hub_id else "timm's weights"
         cache = f"{HF_HUB_CACHE}/models--{hub_id.replace('/', '--')}" if hub_id else "timm's cache"
         raise _fetch_error("imagenet", TIMM_PREFIX + name, source, cache, err) from err
+    renormalise_input(model, model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get(
+        "std", IMAGENET_STD))
     # Some models (MobileNetV3) add a pre-logits layer after num_features; its width is the output's.
     return model, getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def renormalise_input(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Make `model` take images normalised with ImageNet's statistics (as every loader here gives them) when it was
+    trained on another mean and std: a per-channel affine map before its forward, from buffers outside its state
+    dict (its weights files load as they are)."""
+    if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
+        return
+    imagenet_mean, imagenet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    scale = imagenet_std / torch.tensor(std)
+    shift = (imagenet_mean - torch.tensor(mean)) / torch.tensor(std)
+    model.register_buffer("input_scale", scale[None, :, None, None], persistent=False)
+    model.register_buffer("input_shift", shift[None, :, None, None], persistent=False)
+    model.register_forward_pre_hook(lambda module, args: (args[0] * module.input_scale + module.input_shift,
+                                                          *args[1:]))
 
 
 def _convert_library_file(state: dict[str, Tensor], backbone: nn.Module, name: str) -> dict[str, Tensor]:

@@ -218,3 +218,24 @@ def validation_loader(prepared: Path) -> tuple[list, int]:
     loader = evaluation_loader("pil", query + gallery, (64, 32), 32, 0, torch.device("cpu"), False)
     return list(loader), len(query)
 
+
+
+def test_a_timm_backbone_sees_images_normalised_with_its_own_mean_and_std():
+    """The loaders normalise with ImageNet's statistics; a timm model trained on others (0.5, 0.5 here) gets the
+    images as its own pipeline would have normalised them, and its weights file keeps its keys."""
+    import timm
+
+    name = "vit_tiny_patch16_224.augreg_in21k"
+    torch.manual_seed(0)
+    backbone, _ = build_backbone(f"timm:{name}", img_size=(64, 32))
+    reference = timm.create_model(name, num_classes=0, img_size=(64, 32))
+    reference.load_state_dict(backbone.state_dict())
+    pixels = torch.rand(2, 3, 64, 32)
+    imagenet = torchvision.transforms.functional.normalize(pixels, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    own = torchvision.transforms.functional.normalize(pixels, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    backbone.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(imagenet), reference(own), rtol=1e-4, atol=1e-5)
+    plain, _ = build_backbone("timm:resnet18")  # ImageNet's own statistics: nothing added
+    assert not hasattr(plain, "input_scale")
