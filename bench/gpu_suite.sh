@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2086,SC2046  # $PY, $IMG, the flag lists and the --resume test are word lists
 # The README's GPU measurements, in order of priority, each stopped at its time limit, resumable.
 #
 #   bench/gpu_suite.sh RESULTS [SECONDS]      # e.g. bench/gpu_suite.sh runs/gpu 520
@@ -11,10 +12,10 @@
 #               compiled row: ours on tensors / bare, ours with the loader / bare
 #   model_step  bench/model_step.py on resnet50 (vae, none): the step's heads alone, kernel-running operators,
 #               and the operators its host time goes to (--profile)
-#   market      train.py, the strong baseline (resnet50, --ae-name none, BN-neck embedding, label smoothing,
-#               erasing, 16×4 at 256×128, Adam 3.5e-4, warm-up then ×0.1 steps, bf16, tensor loader) from
-#               scratch on that set, for MARKET_EPOCHS (default 12) with the 120-epoch schedule scaled to them;
-#               seconds an epoch in metrics.jsonl
+#   market      train.py --config configs/market_strong_baseline.yaml (resnet50, --ae-name none, BN-neck
+#               embedding, label smoothing, erasing, 16×4 at 256×128, Adam 3.5e-4, warm-up then ×0.1 steps, bf16,
+#               tensor loader) from scratch on that set, for MARKET_EPOCHS (default 12) with the 120-epoch schedule
+#               scaled to them; seconds an epoch in metrics.jsonl
 #   eval        bench/eval_timing.py on that model: embedding the 19,281 query and gallery images, ranking them
 #               plain and re-ranked (test mAP of both)
 #   grid        the seed's grid: resnet152 densenet121 vgg16_bn swin_b × none, vae, sae with degraded views, all
@@ -70,23 +71,22 @@ versions() {
 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}))" >"$RESULTS/versions.json"
 }
 
-# shellcheck disable=SC2086  # IMG and the flag lists are word lists
 market_train() {
-    $PY train.py --data "$DATA" --result-dir "$RESULTS/market" --backbone-name resnet50 --ae-name none \
-        --no-degraded-views --embedding mu-bn --pretrained none --last-stride 1 --bce 0 --img-size $IMG \
-        --batch-p 16 --batch-k 4 --lr 3.5e-4 --lr-classifier 3.5e-4 --scheduler step --milestones 0.3333 0.5833 \
-        --warmup-epochs "$(awk "BEGIN {print $MARKET_EPOCHS / 12}")" --epochs "$MARKET_EPOCHS" --erasing 0.5 \
-        --label-smoothing 0.1 --amp --device "$DEVICE" --workers "$WORKERS" --quiet $MARKET_FLAGS \
+    local e=$MARKET_EPOCHS
+    $PY train.py --config configs/market_strong_baseline.yaml --data "$DATA" --result-dir "$RESULTS/market" \
+        --pretrained none --img-size $IMG --epochs "$e" --warmup-epochs "$(awk "BEGIN {print 10 * $e / 120}")" \
+        --milestones "$(awk "BEGIN {print 40 * $e / 120}")" "$(awk "BEGIN {print 70 * $e / 120}")" \
+        --device "$DEVICE" --workers "$WORKERS" --quiet $MARKET_FLAGS \
         $([ -f "$RESULTS/market/checkpoint.pt" ] && echo --resume)
 }
 
 # One grid run: train (resuming), then clean and corrupted test mAP into its eval/results.json.
-# shellcheck disable=SC2086
 grid_run() {
     local backbone=$1 ae=$2 extra=$3 dir
     dir="$RESULTS/grid/${backbone}_${ae}"
-    $PY train.py --data "$DATA" --result-dir "$dir" --backbone-name "$backbone" --ae-name "$ae" --pretrained none \
-        --img-size $IMG --epochs "$GRID_EPOCHS" --warmup-epochs 1 --amp --device "$DEVICE" --workers 2 --quiet \
+    $PY train.py --config configs/study.yaml --data "$DATA" --result-dir "$dir" --backbone-name "$backbone" \
+        --ae-name "$ae" --img-size $IMG --epochs "$GRID_EPOCHS" --warmup-epochs 1 --amp --device "$DEVICE" \
+        --workers 2 --quiet \
         --no-degraded-views $extra $([ -f "$dir/checkpoint.pt" ] && echo --resume) >"$dir.log" 2>&1 &&
         $PY eval.py --all-dir "$dir" --corrupt all --device "$DEVICE" --workers 2 --verify-pairs 0 >>"$dir.log" 2>&1
 }
@@ -107,7 +107,6 @@ grid() {
 export RESULTS PY DEVICE IMG WORKERS DATA MARKET_EPOCHS GRID_EPOCHS GRID MARKET_FLAGS
 export -f market_train grid_run grid
 versions
-# shellcheck disable=SC2086
 item data 60 300 $PY prepare.py --synthetic "$RAW" --preset market $DATA_FLAGS --out "$DATA" --val-ids 0 \
     --workers "$(nproc)" --quiet || exit 1
 item step 120 300 $PY bench/train_throughput.py --device "$DEVICE" --data "$DATA" --workers "$WORKERS" \
