@@ -404,12 +404,14 @@ def test_sparsity_mode_flag_picks_the_penalty():
 
 
 def test_learning_rate_warms_up_then_decays():
-    assert train.lr_factor(0, 100, 10, "cosine", []) == pytest.approx(0.1)
-    assert train.lr_factor(5, 100, 10, "cosine", []) == pytest.approx(0.55)
-    assert train.lr_factor(10, 100, 10, "cosine", []) == pytest.approx(1.0)
-    assert train.lr_factor(100, 100, 10, "cosine", []) == pytest.approx(0.01)
-    assert train.lr_factor(60, 100, 0, "step", [0.5, 0.8]) == pytest.approx(0.1)
-    assert train.lr_factor(90, 100, 0, "step", [0.5, 0.8]) == pytest.approx(0.01)
+    assert train.lr_factor(0, 100, 10, "cosine", [], 0.1) == pytest.approx(0.1)
+    assert train.lr_factor(5, 100, 10, "cosine", [], 0.1) == pytest.approx(0.55)
+    assert train.lr_factor(10, 100, 10, "cosine", [], 0.1) == pytest.approx(1.0)
+    assert train.lr_factor(100, 100, 10, "cosine", [], 0.1) == pytest.approx(0.01)
+    assert train.lr_factor(55, 100, 10, "cosine", [], 0.1) == pytest.approx(0.01 + 0.99 * 0.5)  # halfway
+    assert train.lr_factor(60, 100, 0, "step", [50, 80], 0.1) == pytest.approx(0.1)
+    assert train.lr_factor(90, 100, 0, "step", [50, 80], 0.1) == pytest.approx(0.01)
+    assert train.lr_factor(49, 100, 0, "step", [50, 80], 0.1) == pytest.approx(1.0)
 
 
 def torchrun(program: Path, port: int, learnable: Path, result: Path, *extra: str) -> subprocess.CompletedProcess:
