@@ -51,8 +51,10 @@ def gather_rows(local: Tensor) -> Tensor:
     return GatherRows.apply(local)
 
 
+@torch.compiler.disable
 def gather_batch(outputs: dict[str, Tensor | None], labels: Tensor) -> tuple[dict[str, Tensor | None], Tensor]:
-    """The global batch's loss inputs and labels from each rank's share (every rank calls this together)."""
+    """The global batch's loss inputs and labels from each rank's share (every rank calls this together; outside a
+    compiled graph, which then breaks here)."""
     gathered = {name: None if outputs.get(name) is None else gather_rows(outputs[name]) for name in LOSS_INPUTS}
     return gathered, gather_rows(labels)
 
