@@ -60,8 +60,8 @@ def gather_batch(outputs: dict[str, Tensor | None], labels: Tensor) -> tuple[dic
 
 
 def sync_batch_norm(requested: bool | None, world: int, device: torch.device) -> bool:
-    """--sync-bn as it applies: by default on under torchrun on CUDA; off in one process, and on the CPU, where
-    SyncBatchNorm does not run (said in the log, louder when asked for)."""
+    """--sync-bn as it applies (`requested` None: the default): on under torchrun on CUDA; off in one process, and on
+    the CPU, where SyncBatchNorm does not run (said in the log, louder when asked for)."""
     if world == 1 or requested is False:
         return False
     if device.type != "cuda":
@@ -70,6 +70,11 @@ def sync_batch_norm(requested: bool | None, world: int, device: torch.device) ->
             "by its own share of the batch", device.type)
         return False
     return True
+
+
+def has_sync_batch_norm(model: torch.nn.Module) -> bool:
+    """Whether the model's BatchNorm layers are SyncBatchNorm (--sync-bn as applied)."""
+    return any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
 
 
 def batch_record(p: int, k: int, world: int, sync_bn: bool) -> dict:

@@ -39,7 +39,7 @@ from datasets import (
 )
 from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from degradations import to_pixels
-from globalbatch import batch_record, sync_batch_norm
+from globalbatch import batch_record, has_sync_batch_norm, sync_batch_norm
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import (
     AE_NAMES,
@@ -575,7 +575,7 @@ def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: in
     if world > 1:
         unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
                   or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
-        if args.sync_bn:
+        if sync_batch_norm(args.sync_bn, world, device):
             nn.SyncBatchNorm.convert_sync_batchnorm(train_step)  # in place: the same parameters and buffers
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
@@ -585,7 +585,6 @@ def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: in
 def setup_run(args: argparse.Namespace) -> Run:
     """Everything a run needs before its first epoch: data, model, optimiser, schedule, and a resumed state."""
     rank, world, device = start_process(args)
-    args.sync_bn = sync_batch_norm(args.sync_bn, world, device)
     result_dir, writer = Path(args.result_dir), rank == 0
     lock = hold_run_lock(result_dir) if writer else None
     checkpoint_path = result_dir / CHECKPOINT_FILE
@@ -637,7 +636,7 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
     write_json(run.result_dir / "config.json", config_record(
         args, num_classes=num_classes, train_images=len(run.records), world_size=run.world, device=str(run.device),
         manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
-        global_batch=batch_record(args.batch_p, args.batch_k, run.world, args.sync_bn),
+        global_batch=batch_record(args.batch_p, args.batch_k, run.world, has_sync_batch_norm(model)),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
         feat_dim=model.feat_dim, embed_dim=model.embed_dim))
     LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",

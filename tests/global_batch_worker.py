@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from datasets import PKSampler  # noqa: E402
-from globalbatch import sync_batch_norm  # noqa: E402
 from trainstep import TrainStep, apply_gradients  # noqa: E402
 
 IDENTITIES, IMAGES_EACH = 8, 4
@@ -44,7 +43,6 @@ def main(out: Path, mode: str, flags: list[str]) -> None:
     args = train.parse_args(["--batch-p", str(IDENTITIES), "--batch-k", str(IMAGES_EACH), "--img-size", "32", "16",
                              "--latent-dim", "16", "--backbone-name", "resnet18", *flags])
     rank, world, device = train.start_process(args)
-    args.sync_bn = sync_batch_norm(args.sync_bn, world, device)
     model, _ = train.build_model(args, IDENTITIES, device)
     model.double().train()
     if device.type == "cpu":

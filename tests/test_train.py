@@ -512,7 +512,7 @@ def test_resume_in_another_number_of_processes_continues_the_global_batch(learna
     batch = {"identities": 4, "images_per_identity": 2, "images": 8, "sync_bn": False}
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["global_batch"] == {**batch, "world_size": 2, "images_per_rank": 4}
-    assert config["world_size"] == 2 and config["flags"]["sync_bn"] is False
+    assert config["world_size"] == 2 and config["flags"]["sync_bn"] is None  # as asked: a recipe keeps the default
     flags = ["--data", str(learnable), "--result-dir", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu", *TINY]
     assert train.main([*flags, "--resume", "--max-steps", "3"]) == {"stopped_at_step": 3}
     assert "saved by 2 processes and continues in 1 on the same global batch" in caplog.text
