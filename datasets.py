@@ -576,8 +576,8 @@ class PKSampler(Sampler[list[int]]):
 
     Each item is (index, augmentation seed). An epoch has ceil(images / (P·K)) batches. Identities cycle
     through seeded permutations so each is seen about equally often. With `world_size` > 1 every rank draws
-    the same global batches and keeps its share of the P identities, so the ranks together see exactly the
-    single-process batch.
+    the same global batches and keeps its share of the P identities (its `rows`), so the ranks together, in rank
+    order, see exactly the single-process batch: the draws do not depend on the number of processes.
     """
 
     def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -588,7 +588,8 @@ class PKSampler(Sampler[list[int]]):
         if p > len(self.labels):
             raise UserError(f"--batch-p {p}: the training set has only {len(self.labels)} identities")
         if p % world_size:
-            raise UserError(f"--batch-p {p} must be divisible by the number of processes ({world_size})")
+            raise UserError(f"--batch-p {p}: the global batch's identities are split evenly over the processes, and "
+                            f"{world_size} do not divide {p}")
         self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
         self.num_batches = math.ceil(len(labels) / (p * k))
         self.epoch, self.start_batch = 0, 0
@@ -599,6 +600,12 @@ class PKSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.num_batches - self.start_batch
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of the global P×K batch."""
+        share = self.p // self.world_size * self.k
+        return slice(self.rank * share, (self.rank + 1) * share)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -3,8 +3,9 @@
 The training images are decoded and resized once (PIL's bicubic, as the PIL path's Resize) into a [N, 3, H, W] uint8
 tensor kept on the training device when it fits, else in the CPU's memory; a set that fits neither falls back
 to the PIL loader with a message. Each batch is gathered, flipped, padded-and-cropped, normalised and erased as one
-batch with per-sample parameters drawn from a generator seeded by (seed, epoch, batch, rank), so --resume repeats
-an interrupted epoch exactly. The parameters follow the PIL path's distributions (datasets.build_transforms).
+batch with per-sample parameters drawn for the global P×K batch from a generator seeded by (seed, epoch, batch), each
+rank taking its rows, so --resume repeats an interrupted epoch exactly, whatever the number of processes. The
+parameters follow the PIL path's distributions (datasets.build_transforms).
 """
 
 from __future__ import annotations
@@ -125,9 +126,10 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def batch_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (seed, epoch, batch, rank): a resumed epoch draws the same parameters."""
-    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(2, np.uint32)
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, epoch, batch): a resumed epoch draws the same parameters."""
+    # The trailing 0 was once the rank: kept, so a single process draws as it did.
+    state = np.random.SeedSequence([seed, epoch, batch, 0]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
@@ -141,6 +143,11 @@ class AugmentParams:
     boxes: torch.Tensor
     lighting: torch.Tensor | None
     lighting_order: list[int]
+
+    def rows(self, rows: slice) -> AugmentParams:
+        """The parameters of the batch's `rows` alone."""
+        return AugmentParams(self.flip[rows], self.offsets[rows], self.boxes[rows],
+                             None if self.lighting is None else self.lighting[rows], self.lighting_order)
 
 
 def erase_boxes(count: int, img_size: tuple[int, int], p: float, generator: torch.Generator) -> torch.Tensor:
@@ -224,21 +231,27 @@ def device_generator(generator: torch.Generator, device: torch.device) -> torch.
     return torch.Generator(device).manual_seed(seed)
 
 
-def erase(images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def erase(images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator,
+          rows: slice = slice(None)) -> torch.Tensor:
     """Each box filled with standard normal noise (RandomErasing's value='random'); the boxes are host values and
-    the noise for all of them is drawn at once on the images' device, so nothing waits on it."""
+    the noise for all of them is drawn at once on the images' device, so nothing waits on it. `images` are the
+    `rows` of the batch `boxes` are drawn for, and take their boxes' share of its noise."""
     erased = [(b, *box) for b, box in enumerate(boxes.tolist()) if box[2] > 0]
     sizes = [images.shape[1] * h * w for _, _, _, h, w in erased]
     noise = torch.randn(sum(sizes), generator=device_generator(generator, images.device), device=images.device)
+    mine = range(len(boxes))[rows]
     for (b, top, left, h, w), chunk in zip(erased, noise.split(sizes), strict=True):
-        images[b, :, top:top + h, left:left + w] = chunk.view(-1, h, w)
+        if b in mine:
+            images[b - mine.start, :, top:top + h, left:left + w] = chunk.view(-1, h, w)
     return images
 
 
 def augment_batch(store: torch.Tensor, indices: torch.Tensor, params: AugmentParams, generator: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
-    """The training batch: gathered with flip and pad-and-crop, normalised, lighting-jittered and erased."""
+                  device: torch.device, batch_rows: slice = slice(None)) -> torch.Tensor:
+    """The training batch: gathered with flip and pad-and-crop, normalised, lighting-jittered and erased; `indices`
+    are the `batch_rows` of the batch `params` are drawn for (a rank's share of the global batch)."""
     img_size = tuple(store.shape[2:])
+    whole, params = params, params.rows(batch_rows)
     rows, cols = crop_indices(params, img_size)
     pixels = to_device(gather_crops(store, indices, rows, cols), device)
     if params.lighting is None:
@@ -246,7 +259,7 @@ def augment_batch(store: torch.Tensor, indices: torch.Tensor, params: AugmentPar
     else:
         images = jitter_lighting(pixels.float().div_(255), params.lighting, params.lighting_order)
         images = normalise(images * 255)
-    return erase(images, params.boxes, generator)
+    return erase(images, whole.boxes, generator, batch_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,9 +284,10 @@ class DecodedTrainLoader:
         sampler = self.sampler
         for batch, items in enumerate(sampler, start=sampler.start_batch):
             indices = torch.tensor([index for index, _ in items])
-            generator = batch_generator(sampler.seed, sampler.epoch, batch, sampler.rank)
-            params = draw_params(len(indices), tuple(self.store.shape[2:]), self.erasing, self.lighting, generator)
-            images = augment_batch(self.store, indices, params, generator, self.device)
+            generator = batch_generator(sampler.seed, sampler.epoch, batch)
+            params = draw_params(sampler.p * sampler.k, tuple(self.store.shape[2:]), self.erasing, self.lighting,
+                                 generator)
+            images = augment_batch(self.store, indices, params, generator, self.device, sampler.rows)
             yield images, self.labels[to_device(indices, self.device)], self.camids[indices], indices
 
 

@@ -86,7 +86,7 @@ def _log_uniform(low: float, high: float, n: int, generator: torch.Generator, de
     return torch.exp(_uniform(math.log(low), math.log(high), n, generator, device))
 
 
-def sample_block(shape: torch.Size, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+def sample_block(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
     """A block a sample: area share and aspect from their ranges, a place inside the image, an RGB colour."""
     n, _, h, w = shape
     area = _uniform(*OCCLUDE_AREA, n, generator, device)
@@ -106,21 +106,25 @@ def sample_light(n: int, generator: torch.Generator, device: torch.device) -> di
     return {"gain": _uniform(*GAIN, n, generator, device), "gamma": gamma, "cast": cast}
 
 
-def degrade(images: Tensor, generator: torch.Generator, prob: float) -> Tensor:
+def degrade(images: Tensor, generator: torch.Generator, prob: float, part: tuple[int, int] = (0, 1)) -> Tensor:
     """A degraded view of a normalised batch: each image, with probability `prob`, gets one family drawn
     uniformly from FAMILIES with parameters of its own; the others are returned unchanged (bit for bit).
 
-    Every parameter is drawn for every image whatever is chosen, so the draws depend on the batch size only.
+    Every parameter is drawn for every image whatever is chosen, so the draws depend on the batch size only. With
+    `part` (rank, world), `images` is that rank's rows of a batch world times as large, and takes their draws: a
+    batch split over the ranks is degraded as it would be whole.
     """
-    n, device = images.shape[0], images.device
-    chosen = torch.rand(n, generator=generator, device=device) < prob
-    family = torch.randint(len(FAMILIES), (n,), generator=generator, device=device)
-    block = sample_block(images.shape, generator, device)
-    light = sample_light(n, generator, device)
+    rank, world = part
+    n, device = images.shape[0] * world, images.device
+    rows = slice(rank * images.shape[0], (rank + 1) * images.shape[0])
+    chosen = (torch.rand(n, generator=generator, device=device) < prob)[rows]
+    family = torch.randint(len(FAMILIES), (n,), generator=generator, device=device)[rows]
+    block = {name: value[rows] for name, value in sample_block((n, *images.shape[1:]), generator, device).items()}
+    light = {name: value[rows] for name, value in sample_light(n, generator, device).items()}
     radius = device_constant(BLUR_RADII, device)[
-        torch.randint(len(BLUR_RADII), (n,), generator=generator, device=device)]
-    amplitude = _uniform(*NOISE_AMPLITUDE, n, generator, device)
-    uniform = 2 * torch.rand(n, 1, *images.shape[2:], generator=generator, device=device) - 1
+        torch.randint(len(BLUR_RADII), (n,), generator=generator, device=device)][rows]
+    amplitude = _uniform(*NOISE_AMPLITUDE, n, generator, device)[rows]
+    uniform = 2 * torch.rand(n, 1, *images.shape[2:], generator=generator, device=device)[rows] - 1
     with torch.no_grad():
         pixels = to_pixels(images.float())
         views = (occlude(pixels, **block), shift_light(pixels, **light), box_blur(pixels, radius),

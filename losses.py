@@ -89,14 +89,16 @@ def pk_pair_count(batch: int, k: int) -> int:
     return min(positives, batch * (batch - 1) // 2 - positives)
 
 
-def mine_pairs(labels: Tensor, z: Tensor, count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def mine_pairs(labels: Tensor, z: Tensor, count: int | None = None,
+               lottery: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Balanced pairs (idx_i, idx_j, target) in a batch: `count` positive pairs i < j, as many negatives.
 
     `count` is min(positive, negative pairs): pk_pair_count's for a P×K batch, counted from the labels when None.
     The farthest positives are kept (all of them when they are the fewer). Half the negatives (rounded up) are the
     closest different-identity pairs by embedding distance, the rest drawn at random from the others: with hard
-    negatives only, the head learns that nearness means a stranger and ranks random pairs backwards. Every shape
-    follows from the batch size and `count`, so the mining queues on the device without waiting for it.
+    negatives only, the head learns that nearness means a stranger and ranks random pairs backwards. `lottery`
+    holds that draw, a value in [0, 1) for each pair i < j in triu_indices' order (torch.rand's when None). Every
+    shape follows from the batch size and `count`, so the mining queues on the device without waiting for it.
     """
     count = balanced_pair_count(labels) if count is None else count
     with torch.no_grad():
@@ -106,8 +108,9 @@ def mine_pairs(labels: Tensor, z: Tensor, count: int | None = None) -> tuple[Ten
         hard = (count + 1) // 2
         positives = torch.where(same, dist, float("-inf")).topk(count).indices
         closest = torch.where(same, float("-inf"), -dist).topk(hard).indices
-        lottery = torch.where(same, -1.0, torch.rand(len(dist), device=z.device)).index_fill(0, closest, -1.0)
-        chosen = torch.cat([positives, closest, lottery.topk(count - hard).indices])
+        lottery = torch.rand(len(dist), device=z.device) if lottery is None else lottery
+        drawn = torch.where(same, -1.0, lottery).index_fill(0, closest, -1.0)
+        chosen = torch.cat([positives, closest, drawn.topk(count - hard).indices])
     target = torch.cat([torch.ones(count, device=z.device), torch.zeros(count, device=z.device)])
     return pair_i[chosen], pair_j[chosen], target
 
@@ -140,14 +143,15 @@ class LossWeights:
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
                model: Verifier | None, margin: float = 0.3, label_smoothing: float = 0.1,
                sparsity_target: float = 0.05, sparsity_mode: str = "kl",
-               pair_count: int | None = None, kl_scale: float | Tensor = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+               pair_count: int | None = None, kl_scale: float | Tensor = 1.0,
+               lottery: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted sum of the terms, and each computed term (unweighted) by name; the KL's weight is scaled by
     `kl_scale` (β, warm-up included) in the sum.
 
     `outputs` is ReIDModel.forward's dict; `model` is needed only for bce, whose pairs number `pair_count` a kind
-    (mine_pairs; counted from the labels when None). Terms the autoencoder has
-    nothing for are skipped: kl without μ (not a VAE), reconstruction without a decoder (`none`), sparsity
-    without a sigmoid code (not an SAE).
+    (mine_pairs, its random negatives drawn from `lottery`; counted from the labels when None). Terms the
+    autoencoder has nothing for are skipped: kl without μ (not a VAE), reconstruction without a decoder (`none`),
+    sparsity without a sigmoid code (not an SAE).
     """
     if sparsity_mode not in SPARSITY_MODES:
         raise ValueError(f"unknown sparsity mode {sparsity_mode!r}: expected {' or '.join(SPARSITY_MODES)}")
@@ -165,7 +169,7 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
         code = outputs["sparse_code"]
         terms["sparsity"] = sparsity_kl(code, sparsity_target) if sparsity_mode == "kl" else sparsity_l1(code)
     if weights.bce:
-        idx_i, idx_j, target = mine_pairs(labels, z, pair_count)
+        idx_i, idx_j, target = mine_pairs(labels, z, pair_count, lottery)
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
     scales = {"kl": kl_scale}
     total = sum((getattr(weights, name) * scales.get(name, 1.0) * term for name, term in terms.items()), z.sum() * 0.0)
@@ -210,14 +214,15 @@ def gradnorm_loss(weights: Tensor, raw_norms: Tensor, losses: Tensor, initial_lo
     return (norms - gradnorm_targets(norms.detach(), losses, initial_losses, alpha)).abs().sum()
 
 
-def grad_norm(loss: Tensor, shared: Tensor) -> Tensor:
-    """‖∇_shared loss‖, keeping the graph for the other terms and the backward pass (0 if loss ignores it)."""
-    (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-    return torch.zeros((), device=shared.device) if grad is None else grad.detach().float().norm()
-
-
 def _same(tensor: Tensor) -> Tensor:
     return tensor
+
+
+def grad_norm(loss: Tensor, shared: Tensor, average: Callable[[Tensor], Tensor] = _same) -> Tensor:
+    """‖∇_shared loss‖ of the gradient `average` makes of the ranks' (globalbatch: their mean is the global batch's),
+    keeping the graph for the other terms and the backward pass (0 if loss ignores it)."""
+    (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+    return torch.zeros((), device=shared.device) if grad is None else average(grad.detach().float()).norm()
 
 
 class LossBalancer(nn.Module):
@@ -274,7 +279,8 @@ class LossBalancer(nn.Module):
 
     def gradnorm_grad(self, terms: dict[str, Tensor], shared: Tensor,
                       average: Callable[[Tensor], Tensor] = _same) -> Tensor:
-        """The gradient of GradNorm's loss in the weights; `average` makes L₀ and the gradient agree across ranks."""
+        """The gradient of GradNorm's loss in the weights; `average` makes L₀, the terms' gradients and this gradient
+        agree across ranks."""
         losses = self.stack(terms).detach()
         if not self.initial_set:  # L₀ is taken at the first step; whether it is set is read once a run
             self.initial_set = bool(self.initial_losses.any())
@@ -283,7 +289,7 @@ class LossBalancer(nn.Module):
                 self.initial_set = True
         # The norms of the gradients the network gets (the KL's scaled by β); the ratios L/L₀ stay unscaled, as
         # each term's training rate.
-        raw_norms = torch.stack([grad_norm(terms[name], shared) * (self.kl_scale if name == "kl" else 1.0)
+        raw_norms = torch.stack([grad_norm(terms[name], shared, average) * (self.kl_scale if name == "kl" else 1.0)
                                  for name in self.names])
         loss = gradnorm_loss(self.weights, raw_norms, losses, self.initial_losses, self.alpha)
         (grad,) = torch.autograd.grad(loss, self.weights)

@@ -39,6 +39,7 @@ from datasets import (
 )
 from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from degradations import to_pixels
+from globalbatch import batch_record, has_sync_batch_norm, sync_batch_norm
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import (
     AE_NAMES,
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--deterministic", action="store_true", help="deterministic kernels (slower)")
     add("--quiet", action="store_true", help="no progress bar")
+    add("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+        help="under torchrun, SyncBatchNorm: BatchNorm's statistics are the global batch's (default on under torchrun "
+        "on CUDA; SyncBatchNorm does not run on the CPU)")
     return parser
 
 
@@ -383,8 +387,10 @@ def restore_rng(state: dict, rank: int, world: int, device: torch.device) -> Non
         cuda = devices[device.index or 0] if device.type == "cuda" and len(devices) > (device.index or 0) else None
         saved = [{"cpu": state["rng_cpu"], "cuda": cuda}] * world
     if len(saved) != world:
-        LOG.warning("--resume: the run was saved by %d processes and resumes in %d; its random draws will differ "
-                    "from an uninterrupted run's", len(saved), world)
+        LOG.warning("--resume: the run was saved by %d processes and continues in %d on the same global batch (the "
+                    "sampler, augmentation, degraded views and Siamese pairs draw it whatever their number); the "
+                    "model's own random draws (a VAE's sample, a DAE's noise) differ from an uninterrupted run's",
+                    len(saved), world)
     own = saved[min(rank, len(saved) - 1)]
     torch.set_rng_state(own["cpu"])
     if own["cuda"] is not None and device.type == "cuda":
@@ -569,6 +575,8 @@ def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: in
     if world > 1:
         unused = (any(getattr(weights, name) == 0 for name in LOSS_TERMS) or args.ae_name == "none"
                   or args.recon_target == "image" or args.balance == "gradnorm")  # GradNorm's w get no backward
+        if sync_batch_norm(args.sync_bn, world, device):
+            nn.SyncBatchNorm.convert_sync_batchnorm(train_step)  # in place: the same parameters and buffers
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     return torch.compile(step_module, mode=args.compile_mode) if args.compile else step_module
@@ -628,6 +636,7 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
     write_json(run.result_dir / "config.json", config_record(
         args, num_classes=num_classes, train_images=len(run.records), world_size=run.world, device=str(run.device),
         manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
+        global_batch=batch_record(args.batch_p, args.batch_k, run.world, has_sync_batch_norm(model)),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
         feat_dim=model.feat_dim, embed_dim=model.embed_dim))
     LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",

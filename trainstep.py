@@ -16,8 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from degradations import degrade
+from globalbatch import gather_batch, rank, world_size
 from losses import LossBalancer, LossWeights, pk_pair_count, total_loss
 from model import ReIDModel
+
+# The streams of a step's own draws (step_seed): the degraded views', and the Siamese head's random negatives'.
+VIEW_DRAWS, PAIR_DRAWS = 0, 1
 
 
 def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
@@ -25,17 +29,24 @@ def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
     return beta if step >= warmup_steps else beta * step / warmup_steps
 
 
-def view_seed(seed: int, rank: int, step: int) -> int:
-    """The degradation generator's seed at a step: a function of the run's seed, the rank and the step alone, so
-    a resumed run degrades its batches as an uninterrupted one would."""
-    return (seed * 1_000_003 + rank) * 1_000_003 + step
+def step_seed(seed: int, stream: int, step: int) -> int:
+    """The seed of a step's draws of one stream: a function of the run's seed, the stream and the step alone, so a
+    resumed run draws as an uninterrupted one would, and every rank, whatever their number, as one process would."""
+    return (seed * 1_000_003 + stream) * 1_000_003 + step
+
+
+def step_generator(seed: int, stream: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by step_seed."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, stream, step))
 
 
 class TrainStep(nn.Module):
     """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use.
 
-    The loop sets `step` before each batch: it fixes the KL's β (--kl-warmup, --beta) and the degraded views'
-    draws (--degraded-views, --degrade-prob)."""
+    Under torchrun the losses are the global batch's: each rank's share of the P×K batch goes through the model,
+    and the loss inputs of every rank are gathered (globalbatch.py). The loop sets `step` before each batch: it
+    fixes the KL's β (--kl-warmup, --beta), the degraded views' draws (--degraded-views, --degrade-prob) and the
+    Siamese head's random negatives, each drawn for the global batch whatever the number of ranks."""
 
     def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
                  steps_per_epoch: int = 1):
@@ -51,6 +62,7 @@ class TrainStep(nn.Module):
         self.register_buffer("kl_scale", torch.ones((), device=next(model.parameters()).device), persistent=False)
         balancer.kl_scale = self.kl_scale
         self.step = 0
+        self.rank, self.world = rank(), world_size()  # this process's share of the global batch
 
     @property
     def step(self) -> int:
@@ -69,15 +81,26 @@ class TrainStep(nn.Module):
         else the batch alone."""
         if not self.degraded_views:
             return (images,)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        generator = torch.Generator(device=images.device).manual_seed(view_seed(self.seed, rank, self.step))
-        return degrade(images, generator, self.degrade_prob), images
+        generator = step_generator(self.seed, VIEW_DRAWS, self.step, images.device)
+        return degrade(images, generator, self.degrade_prob, (self.rank, self.world)), images
+
+    @torch.compiler.disable
+    def pair_lottery(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The Siamese head's random negatives' draw (mine_pairs' `lottery`) for a batch of `batch` images, the same
+        on every rank; None when the term is off."""
+        if not self.weights.bce:
+            return None
+        generator = step_generator(self.seed, PAIR_DRAWS, self.step, device)
+        return torch.rand(batch * (batch - 1) // 2, generator=generator, device=device)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lottery = self.pair_lottery(len(labels) * self.world, images.device)
         outputs = self.model(*self.views(images))
+        if self.world > 1:
+            outputs, labels = gather_batch(outputs, labels)
         # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
         total, terms = total_loss(outputs, labels, self.weights, self.model, kl_scale=self.kl_scale, **self.options,
-                                  pair_count=pk_pair_count(len(labels), self.batch_k))
+                                  pair_count=pk_pair_count(len(labels), self.batch_k), lottery=lottery)
         if self.balancer.mode != "fixed":
             total = self.balancer(terms)  # it weighs the KL, and GradNorm measures its gradient, by kl_scale
         return total, terms

@@ -224,6 +224,18 @@ def test_mine_pairs_with_the_pk_count_mines_as_counting_does():
     assert len(known[0]) == 2 * 9
 
 
+def test_mine_pairs_draws_its_random_negatives_from_the_lottery_given():
+    """A lottery is the draw torch.rand would make, one value a pair i < j: the same lottery, the same pairs."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    z = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    drawn = mine_pairs(labels, z)
+    lottery = torch.rand(36, generator=torch.Generator().manual_seed(5))
+    given, other = (mine_pairs(labels, z, lottery=values) for values in (lottery, lottery.flip(0)))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, given, strict=True))
+    assert not torch.equal(given[1], other[1])
+
+
 def test_mine_pairs_is_empty_for_a_single_identity():
     idx_i, idx_j, target = mine_pairs(torch.zeros(4, dtype=torch.long), torch.randn(4, 3))
     assert len(idx_i) == len(idx_j) == len(target) == 0

@@ -477,6 +477,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(learnable: 
 
 
 STOP_RANK_ONE = """\
+    print("losses over", len(args[1]), "images", file=sys.stderr)
     if os.environ["RANK"] == "1" and calls[0] == 2:
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)"""
@@ -485,10 +486,12 @@ STOP_RANK_ONE = """\
 def test_a_stop_on_one_rank_stops_every_rank_and_the_run_resumes_exactly(learnable: Path, tmp_path: Path):
     """SIGTERM reaches rank 1 alone, in its second step: the request travels with that step's flags, so both
     ranks stop at the same step with no rank left waiting in a collective; the checkpoint holds each rank's
-    generators, and the resumed run ends where an uninterrupted one does."""
+    generators, and the resumed run ends where an uninterrupted one does. Each rank's losses are the global
+    batch's (4×2 images: its 4 and the other rank's, gathered)."""
     stopped = torchrun(patched_train(tmp_path, STOP_RANK_ONE), 29535, learnable, tmp_path / "parts")
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert stopped.stderr.count("stopped at step 3 (epoch 1, batch 3)") == 2  # each rank, at the same step
+    assert stopped.stderr.count("losses over 8 images") == 6 and "losses over 4 images" not in stopped.stderr
     state = load_torch(tmp_path / "parts" / "checkpoint.pt")
     assert state["step"] == 3 and len(state["rng"]) == 2
     for result, extra in (("parts", ["--resume"]), ("whole", [])):
@@ -498,6 +501,25 @@ def test_a_stop_on_one_rank_stops_every_rank_and_the_run_resumes_exactly(learnab
     assert resumed["step"] == whole["step"] == 5
     for key, value in whole["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_resume_in_another_number_of_processes_continues_the_global_batch(learnable: Path, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
+    """Two processes checkpoint at step 2 and one continues: the sampler, augmentation, degraded views and Siamese
+    pairs draw the same global batch whatever the number of processes, so the run goes on, warned that the model's
+    own noise differs; config.json records the world size, SyncBatchNorm and the global batch of each."""
+    two = torchrun(ROOT / "train.py", 29539, learnable, tmp_path / "run", "--max-steps", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "--sync-bn does not apply on cpu: SyncBatchNorm runs only on CUDA" in two.stderr
+    batch = {"identities": 4, "images_per_identity": 2, "images": 8, "sync_bn": False}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["global_batch"] == {**batch, "world_size": 2, "images_per_rank": 4}
+    assert config["world_size"] == 2 and config["flags"]["sync_bn"] is None  # as asked: a recipe keeps the default
+    flags = ["--data", str(learnable), "--result-dir", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu", *TINY]
+    assert train.main([*flags, "--resume", "--max-steps", "3"]) == {"stopped_at_step": 3}
+    assert "saved by 2 processes and continues in 1 on the same global batch" in caplog.text
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["global_batch"] == {**batch, "world_size": 1, "images_per_rank": 8}
 
 
 def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Path, tmp_path: Path):
@@ -588,9 +610,11 @@ def test_the_flags_off_reproduce_the_step_bit_for_bit(ae: str):
                      "1", "--embedding", "mu"])
     # The step as it was before these flags: the model on the batch, then the weighted sum of the losses.
     before = tiny_step(["--ae-name", ae, "--no-degraded-views"])
+    before.step = 5  # the Siamese pairs' random negatives are the step's own draw (trainstep.step_seed)
     torch.manual_seed(7)
     outputs = before.model(images)
-    reference, _ = total_loss(outputs, labels, before.weights, before.model, **before.options)
+    reference, _ = total_loss(outputs, labels, before.weights, before.model, **before.options,
+                              lottery=before.pair_lottery(len(labels), images.device))
     reference.backward()
     reference_grads = {name: p.grad for name, p in before.model.named_parameters() if p.grad is not None}
     for step in (absent, off):
