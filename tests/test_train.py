@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ import trainstep
 from conftest import ROOT
 from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
 from model import ReIDModel, build_trained
+from precision import LossScaler
 from utils import UserError, load_torch
 
 TINY = ["--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64", "--img-size", "64", "32",
@@ -328,9 +331,11 @@ def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_training_step_on_a_gpu_queues_without_a_sync():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_training_step_on_a_gpu_queues_without_a_sync(dtype: torch.dtype):
     """train.py's step as it runs with --amp (forward with degraded views and every loss, backward, the finite check,
-    fused Adam, the losses' copy to the host): nothing in it waits for the GPU; the read a step later may."""
+    fused Adam, the losses' copy to the host; in float16, as on a GPU without native bfloat16, the scaled backward and
+    the scale's update too): nothing in it waits for the GPU; the read a step later may."""
     device = torch.device("cuda")
     args = train.parse_args(["--backbone-name", "resnet18", "--latent-dim", "32", "--img-size", "64", "32",
                              "--batch-p", "4", "--batch-k", "2", "--amp", "--device", "cuda"])
@@ -338,15 +343,17 @@ def test_a_training_step_on_a_gpu_queues_without_a_sync():
         device, memory_format=torch.channels_last)
     weights = train.loss_weights(args)
     balancer = train.build_balancer(args, weights).to(device)
-    optimizer = train.build_optimizer(model, args, balancer)
+    scaler = LossScaler(device) if dtype == torch.float16 else None
+    optimizer = train.build_optimizer(model, args, balancer, scaler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     module = trainstep.TrainStep(model, weights, balancer, args)
     images, labels = torch.randn(8, 3, 64, 32, device=device), torch.arange(4, device=device).repeat_interleave(2)
 
     def step(index: int) -> trainstep.LossRead:
         module.step = index
-        total, terms = trainstep.batch_losses(module, images, labels, device, True)
-        return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model))
+        total, terms = trainstep.batch_losses(module, images, labels, device, True, dtype)
+        return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model),
+                                         scaler=scaler)
 
     reads = [step(0)]  # Adam's state and the constants made
     torch.cuda.synchronize()
@@ -519,6 +526,33 @@ def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Pat
     model = ReIDModel("resnet18", "vae", 16, latent_dim=64, img_size=(64, 32), recon_target="image")
     out = model(torch.randn(4, 3, 64, 32))
     assert out["recon"].shape == out["recon_target"].shape == (4, 3, 16, 8)
+
+
+def overflow_gradient(total: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+    """A total of unchanged value whose gradient is 1e30 times the KL's: no loss scale keeps it finite in float16."""
+    huge = terms["kl"].float() * 1e30  # the term may be float16 under autocast: its value would overflow too
+    return total + (huge - huge.detach()), terms
+
+
+def test_float16_skips_an_overflow_lowers_the_scale_trains_on_and_resumes_the_scale(learnable: Path, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch):
+    """--amp's float16 path (a GPU without native bfloat16), on the CPU: step 2's gradient overflows; its update is
+    skipped (Adam counts 3 updates in 4 steps), the scale halves, the run goes on; --resume continues the scale
+    (from 2⁸, which this run's own gradients do not overflow)."""
+    monkeypatch.setattr(train, "autocast_dtype", lambda amp, device_type, native_bf16: torch.float16)
+    monkeypatch.setattr(train, "LossScaler", functools.partial(LossScaler, init_scale=2.0**8))
+    poison_step(monkeypatch, 3, overflow_gradient)
+    flags = ["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", "--amp", *TINY]
+    assert train.main([*flags, "--max-steps", "4"]) == {"stopped_at_step": 4}
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["precision"] == "float16"
+    state = load_torch(tmp_path / "r" / "checkpoint.pt")
+    # steps 0 and 1 count 2 toward growth, step 2's overflow halves the scale and restarts the count, step 3 counts 1
+    assert state["scaler"] == {"scale": 2.0**7, "growth_tracker": 1}
+    assert {index: s["step"].item() for index, s in state["optimizer"]["state"].items()} == dict.fromkeys(
+        state["optimizer"]["state"], 3.0)
+    assert state["meters"]["loss"][1] == 4 * 8 and math.isfinite(state["meters"]["loss"][0])  # step 2 counted
+    assert train.main([*flags, "--resume", "--max-steps", "5"]) == {"stopped_at_step": 5}
+    assert load_torch(tmp_path / "r" / "checkpoint.pt")["scaler"] == {"scale": 2.0**7, "growth_tracker": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------
