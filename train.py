@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import features
 import metrics
+from dashboard import Dashboard
 from datasets import (
     ImageRecord,
     PKSampler,
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--deterministic", action="store_true", help="deterministic kernels (slower)")
     add("--quiet", action="store_true", help="no progress bar")
+    add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="write TensorBoard event files under <result-dir>/tensorboard (default on)")
     return parser
 
 
@@ -392,8 +395,9 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
 
 @torch.no_grad()
 def write_recon_grid(model: ReIDModel, records: Sequence[ImageRecord], img_size: tuple[int, int], device: torch.device,
-                     path: Path) -> None:
-    """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions."""
+                     path: Path) -> torch.Tensor:
+    """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions; returns the
+    grid drawn, (3, H, W) from 0 to 1."""
     model.eval()
     transform = build_transforms(img_size, False)
     images = torch.stack([transform(load_image(r.path)) for r in records]).to(device)
@@ -403,6 +407,7 @@ def write_recon_grid(model: ReIDModel, records: Sequence[ImageRecord], img_size:
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
     save_image(Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")), path)
     model.train()
+    return grid
 
 
 def parameter_checksum(model: nn.Module) -> float:
@@ -480,6 +485,7 @@ class Run:
     epoch_started: float = 0.0
     images_seen: int = 0
     stop_asked: bool = False
+    dashboard: Dashboard | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -683,6 +689,8 @@ def settle(run: Run, read: LossRead | None, epoch: int) -> bool:
                         f"{run.checkpoint_path}")
     for name, value in values.items():
         run.meters[name].update(value, read.images)
+    if run.dashboard is not None:
+        run.dashboard.losses(values, read.step + 1)
     return asked
 
 
@@ -703,9 +711,13 @@ def end_epoch(run: Run, epoch: int) -> None:
             run.best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
             save_parts(model.parts(), run.result_dir)
         write_jsonl(run.result_dir / "metrics.jsonl", run.history)
+        if run.dashboard is not None:
+            run.dashboard.epoch(row, run.images_seen)
         if args.recon_target == "image":
-            write_recon_grid(model, (run.val_records or run.records)[:8], tuple(args.img_size), run.device,
-                             run.result_dir / "recon.png")
+            grid = write_recon_grid(model, (run.val_records or run.records)[:8], tuple(args.img_size), run.device,
+                                    run.result_dir / "recon.png")
+            if run.dashboard is not None:
+                run.dashboard.image("reconstruction", grid, run.step)
         plot_curves(run.history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], run.result_dir / "losses.png",
                     f"{args.backbone_name} + {args.ae_name}")
         plot_curves(run.history, [f"weight_{name}" for name in run.balancer.names], run.result_dir / "weights.png",
@@ -724,6 +736,7 @@ def train(args: argparse.Namespace) -> dict:
         LOG.info("already at step %d, --max-steps %d: nothing to train", run.step, args.max_steps)
         return {"stopped_at_step": run.step}
     stop = StopRequest()
+    run.dashboard = open_dashboard(run)
     try:
         for epoch in range(run.start_epoch, args.epochs + 1):
             if train_epoch(run, epoch, stop, shared):
@@ -734,8 +747,22 @@ def train(args: argparse.Namespace) -> dict:
                 return {"stopped_at_step": run.step}
     finally:
         stop.restore()
+        if run.dashboard is not None:
+            run.dashboard.close()
     return finish(run.model, run.history, run.best, run.result_dir, run.started, run.images_seen, run.world,
                   run.writer)
+
+
+def open_dashboard(run: Run) -> Dashboard | None:
+    """Rank 0's TensorBoard writer with --tensorboard, else None; a fresh run's untrained validation goes in first."""
+    if not (run.writer and run.args.tensorboard):
+        return None
+    dashboard = Dashboard(run.result_dir, [group["name"] for group in run.optimizer.param_groups],
+                          run.step if run.args.resume else None)
+    if not run.args.resume:
+        for row in run.history:
+            dashboard.epoch(row, run.images_seen)
+    return dashboard
 
 
 def finish(model: nn.Module, history: list[dict], best: dict, result_dir: Path, started: float, images_seen: int,
