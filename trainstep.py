@@ -160,8 +160,9 @@ def flag_overflow(optimizer: torch.optim.Optimizer, scaler: LossScaler, values: 
 
 
 class StepResult(NamedTuple):
-    """A step's values as read on the host: the loss and each term by name, whether its update was skipped, and
-    whether any rank was asked to stop."""
+    """A step's values as read on the host: the loss and each term by name, whether its update was skipped for a
+    non-finite value that stops the run (a float16 overflow's skip is not reported: training goes on), and whether
+    any rank was asked to stop."""
 
     values: dict[str, float]
     skipped: bool
