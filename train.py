@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import features
 import metrics
+from dashboard import Dashboard
 from datasets import (
     ImageRecord,
     PKSampler,
@@ -52,6 +53,7 @@ from model import (
     read_state_dict,
     trained_settings,
 )
+from precision import LossScaler, autocast_dtype, has_native_bf16
 from recipes import given_flags, with_recipe
 from trainstep import (
     LossRead,
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
     add("--sparsity-mode", choices=SPARSITY_MODES, default="kl",
         help="sparsity penalty of sae's code: kl, KL(ρ‖ρ̂) summed over units; l1, the code's L1 norm")
-    add("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
+    add("--amp", action="store_true", help="autocast and channels_last on CUDA: bfloat16 where the GPU has it "
+        "natively, else float16 with a dynamic loss scale")
     add("--device", default="auto")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1),
         help="data-loading processes (default: the cores, at most 8; a GPU step needs several)")
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
         help="under torchrun, SyncBatchNorm: BatchNorm's statistics are the global batch's (default on under torchrun "
         "on CUDA; SyncBatchNorm does not run on the CPU)")
+    add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="write TensorBoard event files under <result-dir>/tensorboard (default on)")
     return parser
 
 
@@ -286,6 +291,11 @@ def shared_layer(model: ReIDModel) -> torch.Tensor:
     return [p for p in model.backbone.parameters() if p.dim() >= 2][-1]
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """A dtype as config.json and the log name it: float32, bfloat16 or float16 (with its loss scale)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def weight_record(balancer: LossBalancer) -> dict[str, float]:
     """The weight each active term gets now, as weight_<term>, for metrics.jsonl (float32's 7 digits)."""
     return {f"weight_{name}": float(f"{w:.7g}") for name, w in zip(balancer.names, balancer.current(), strict=True)}
@@ -310,9 +320,10 @@ def load_pretrained_parts(model: ReIDModel, args: argparse.Namespace) -> None:
             LOG.info("loaded %s from %s", part, path)
 
 
-def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBalancer) -> torch.optim.Optimizer:
+def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBalancer,
+                    scaler: LossScaler | None = None) -> torch.optim.Optimizer:
     """Adam with two groups: backbone and autoencoder at --lr, classifier and Siamese head at --lr-classifier;
-    and a third, without weight decay, for learned loss weights at --lr-balance."""
+    and a third, without weight decay, for learned loss weights at --lr-balance (unscaling by float16's `scaler`)."""
     parts = model.parts()
     encoder = [p for name in ("backbone", "ae") for p in parts[name].parameters() if p.requires_grad]
     heads = [p for p in parts["classifier"].parameters() if p.requires_grad]
@@ -322,7 +333,7 @@ def build_optimizer(model: ReIDModel, args: argparse.Namespace, balancer: LossBa
         groups.append({"params": list(balancer.parameters()), "lr": args.lr_balance, "name": "lr_balance",
                        "weight_decay": 0.0})
     # The fused kernel updates every parameter in one launch (on the CPU too) and can skip a non-finite update.
-    return guard_updates(torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=True))
+    return guard_updates(torch.optim.Adam(groups, weight_decay=args.weight_decay, fused=True), scaler)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, milestone_steps: Sequence[int],
@@ -358,6 +369,7 @@ def checkpoint_state(run: Run, epoch: int, batch: int, rng: list[dict]) -> dict:
     and each rank's random generators (`rng`, in rank order)."""
     return {"model": run.model.state_dict(), "balancer": run.balancer.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
             "epoch": epoch, "batch": batch, "step": run.step, "history": run.history, "best": run.best,
             "meters": {name: [m.total, m.count] for name, m in (run.meters if batch else {}).items()},
             "flags": {k: str(getattr(run.args, k)) for k in (*RESUME_LOCKED, "loader")}, "rng": rng}
@@ -434,14 +446,17 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
         detail = " ".join(line.strip() for line in str(err).splitlines())[:300]
         raise UserError(f"--resume {path}: the checkpoint does not fit this run ({detail})") from err
     scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     restore_rng(state, rank, run.world, run.device)
     return state
 
 
 @torch.no_grad()
 def write_recon_grid(model: ReIDModel, records: Sequence[ImageRecord], img_size: tuple[int, int], device: torch.device,
-                     path: Path) -> None:
-    """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions."""
+                     path: Path) -> torch.Tensor:
+    """recon.png: a row of inputs (at the reconstruction's size) above a row of their reconstructions; returns the
+    grid drawn, (3, H, W) from 0 to 1."""
     model.eval()
     transform = build_transforms(img_size, False)
     images = torch.stack([transform(load_image(r.path)) for r in records]).to(device)
@@ -451,6 +466,7 @@ def write_recon_grid(model: ReIDModel, records: Sequence[ImageRecord], img_size:
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
     save_image(Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")), path)
     model.train()
+    return grid
 
 
 def parameter_checksum(model: nn.Module) -> float:
@@ -504,7 +520,7 @@ class Run:
     result_dir: Path
     records: list
     model: ReIDModel
-    use_amp: bool
+    precision: torch.dtype
     sampler: PKSampler
     loader: Iterable
     val_loader: Iterable | None
@@ -512,6 +528,7 @@ class Run:
     num_query: int
     balancer: LossBalancer
     optimizer: torch.optim.Optimizer
+    scaler: LossScaler | None
     scheduler: torch.optim.lr_scheduler.LambdaLR
     train_step: TrainStep
     step_module: nn.Module
@@ -528,6 +545,7 @@ class Run:
     images_seen: int = 0
     stop_asked: bool = False
     lock: IO | None = None  # result_dir's lock, held by rank 0 for the run
+    dashboard: Dashboard | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -554,18 +572,20 @@ def start_process(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> tuple[ReIDModel, bool]:
-    """The model with its --pre-* parts on the device, and whether bf16 autocast is on."""
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> tuple[ReIDModel, torch.dtype]:
+    """The model with its --pre-* parts on the device, and the dtype its step computes in (autocast_dtype)."""
     try:
         model = model_from_settings(trained_settings(vars(args), {}, num_classes), num_classes, args.pretrained)
     except ValueError as err:
         raise UserError(f"--backbone-name {args.backbone_name}: {err}") from err
     load_pretrained_parts(model, args)
-    use_amp = args.amp and device.type == "cuda"
-    if args.amp and not use_amp:
+    precision = autocast_dtype(args.amp, device.type, has_native_bf16(device))
+    if args.amp and precision == torch.float32:
         LOG.info("--amp needs CUDA; training in float32 on %s", device)
-    model.to(device, memory_format=torch.channels_last if use_amp else torch.preserve_format)
-    return model, use_amp
+    elif precision == torch.float16:
+        LOG.info("--amp: %s has no native bfloat16; float16 autocast with a dynamic loss scale", device)
+    model.to(device, memory_format=torch.preserve_format if precision == torch.float32 else torch.channels_last)
+    return model, precision
 
 
 def build_step_module(train_step: TrainStep, args: argparse.Namespace, world: int, device: torch.device) -> nn.Module:
@@ -596,7 +616,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     records, num_classes = load_train_records(args.data)
     val_query, val_gallery = load_eval_records(args.data, "val")
     img_size = tuple(args.img_size)
-    model, use_amp = build_model(args, num_classes, device)
+    model, precision = build_model(args, num_classes, device)
     sampler = PKSampler([r.label for r in records], args.batch_p, args.batch_k, seed=args.seed, rank=rank,
                         world_size=world)
     progress = writer and not args.quiet
@@ -608,15 +628,16 @@ def setup_run(args: argparse.Namespace) -> Run:
     args.loader = "tensor" if isinstance(loader, DecodedTrainLoader) else "pil"  # as used, after any fallback
     weights = loss_weights(args)
     balancer = build_balancer(args, weights).to(device)
-    optimizer = build_optimizer(model, args, balancer)
+    scaler = LossScaler(device) if precision == torch.float16 else None
+    optimizer = build_optimizer(model, args, balancer, scaler)
     steps_per_epoch, total_steps = len(sampler), len(sampler) * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
     milestone_steps = [round(m * steps_per_epoch) for m in args.milestones]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps, warmup, args.scheduler, milestone_steps, args.warmup_factor))
     train_step = TrainStep(model, weights, balancer, args, steps_per_epoch)
-    run = Run(args, device, world, writer, result_dir, records, model, use_amp, sampler, loader, val_loader,
-              val_records, len(val_query), balancer, optimizer, scheduler,
+    run = Run(args, device, world, writer, result_dir, records, model, precision, sampler, loader, val_loader,
+              val_records, len(val_query), balancer, optimizer, scaler, scheduler,
               train_step, build_step_module(train_step, args, world, device), steps_per_epoch, lock=lock)
     if args.resume:
         state = restore_checkpoint(checkpoint_path, run, rank)
@@ -638,10 +659,10 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
         manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
         global_batch=batch_record(args.batch_p, args.batch_k, run.world, has_sync_batch_norm(model)),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()},
-        feat_dim=model.feat_dim, embed_dim=model.embed_dim))
-    LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s (world %d); config in %s",
+        feat_dim=model.feat_dim, embed_dim=model.embed_dim, precision=precision_name(run.precision)))
+    LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s in %s (world %d); config in %s",
              args.backbone_name, args.ae_name, num_classes, len(run.records), run.steps_per_epoch, run.device,
-             run.world, run.result_dir / "config.json")
+             precision_name(run.precision), run.world, run.result_dir / "config.json")
     if not args.resume and run.val_loader is not None:
         model.eval()
         untrained = validate(model, run.val_loader, run.num_query, args.data)
@@ -666,8 +687,10 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     previous: LossRead | None = None
     for images, labels, _, _ in bar:
         run.train_step.step = run.step
-        total, terms = batch_losses(run.step_module, images, labels, run.device, run.use_amp)
-        read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared, stop.requested)
+        total, terms = batch_losses(run.step_module, images, labels, run.device, run.precision != torch.float32,
+                                    run.precision)
+        read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared, stop.requested,
+                               run.scaler)
         read.step, read.batch, read.images = run.step, batch_index, images.shape[0]
         run.step, batch_index, run.images_seen = run.step + 1, batch_index + 1, run.images_seen + images.shape[0]
         asked = settle(run, previous, epoch)  # the step before: finished on the device while this one was queued
@@ -729,6 +752,8 @@ def settle(run: Run, read: LossRead | None, epoch: int) -> bool:
                         f"{run.checkpoint_path}")
     for name, value in values.items():
         run.meters[name].update(value, read.images)
+    if run.dashboard is not None:
+        run.dashboard.losses(values, read.step + 1)
     return asked
 
 
@@ -738,7 +763,8 @@ def end_epoch(run: Run, epoch: int) -> None:
     row = {"epoch": epoch, "step": run.step, **{n: m.mean for n, m in run.meters.items() if m.count},
            **{group["name"]: group["lr"] for group in run.optimizer.param_groups},
            "images_per_s": run.images_seen / max(time.time() - run.started, 1e-9),
-           "epoch_seconds": time.time() - run.epoch_started, **weight_record(run.balancer)}
+           "epoch_seconds": time.time() - run.epoch_started, **weight_record(run.balancer),
+           **({"loss_scale": run.scaler.state_dict()["scale"]} if run.scaler is not None else {})}
     if run.val_loader is not None and (epoch % args.eval_every == 0 or epoch == args.epochs):
         model.eval()
         row.update(validate(model, run.val_loader, run.num_query, args.data))
@@ -748,9 +774,13 @@ def end_epoch(run: Run, epoch: int) -> None:
             run.best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
             save_parts(model.parts(), run.result_dir)
         write_jsonl(run.result_dir / "metrics.jsonl", run.history)
+        if run.dashboard is not None:
+            run.dashboard.epoch(row, run.images_seen)
         if args.recon_target == "image":
-            write_recon_grid(model, (run.val_records or run.records)[:8], tuple(args.img_size), run.device,
-                             run.result_dir / "recon.png")
+            grid = write_recon_grid(model, (run.val_records or run.records)[:8], tuple(args.img_size), run.device,
+                                    run.result_dir / "recon.png")
+            if run.dashboard is not None:
+                run.dashboard.image("reconstruction", grid, run.step)
         plot_curves(run.history, ["loss", *LOSS_TERMS, "val_mAP", "val_rank1", "lr"], run.result_dir / "losses.png",
                     f"{args.backbone_name} + {args.ae_name}")
         plot_curves(run.history, [f"weight_{name}" for name in run.balancer.names], run.result_dir / "weights.png",
@@ -769,6 +799,7 @@ def train(args: argparse.Namespace) -> dict:
         LOG.info("already at step %d, --max-steps %d: nothing to train", run.step, args.max_steps)
         return {"stopped_at_step": run.step}
     stop = StopRequest()
+    run.dashboard = open_dashboard(run)
     try:
         for epoch in range(run.start_epoch, args.epochs + 1):
             if train_epoch(run, epoch, stop, shared):
@@ -779,8 +810,22 @@ def train(args: argparse.Namespace) -> dict:
                 return {"stopped_at_step": run.step}
     finally:
         stop.restore()
+        if run.dashboard is not None:
+            run.dashboard.close()
     return finish(run.model, run.history, run.best, run.result_dir, run.started, run.images_seen, run.world,
                   run.writer)
+
+
+def open_dashboard(run: Run) -> Dashboard | None:
+    """Rank 0's TensorBoard writer with --tensorboard, else None; a fresh run's untrained validation goes in first."""
+    if not (run.writer and run.args.tensorboard):
+        return None
+    dashboard = Dashboard(run.result_dir, [group["name"] for group in run.optimizer.param_groups],
+                          run.step if run.args.resume else None)
+    if not run.args.resume:
+        for row in run.history:
+            dashboard.epoch(row, run.images_seen)
+    return dashboard
 
 
 def finish(model: nn.Module, history: list[dict], best: dict, result_dir: Path, started: float, images_seen: int,

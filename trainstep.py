@@ -2,7 +2,8 @@
 
 A step's loss values travel to the host while the device works on and are read one step later; an update whose
 loss or gradients are not finite is skipped on the device (fused Adam's found_inf flag) and stays skipped until
-that read stops the run, so the parameters it leaves are the last good ones.
+that read stops the run, so the parameters it leaves are the last good ones. Under float16's loss scale
+(precision.LossScaler) a gradient overflow skips its own step's update alone, lowers the scale, and training goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from degradations import degrade
 from globalbatch import gather_batch, rank, world_size
 from losses import LossBalancer, LossWeights, pk_pair_count, total_loss
 from model import ReIDModel
+from precision import MIN_SCALE, LossScaler
 
 # The streams of a step's own draws (step_seed): the degraded views', and the Siamese head's random negatives'.
 VIEW_DRAWS, PAIR_DRAWS = 0, 1
@@ -123,42 +125,67 @@ def any_rank(flag: torch.Tensor) -> torch.Tensor:
 
 
 def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 use_amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch to the device and through the model and losses (bf16 autocast, channels_last with AMP)."""
+                 use_amp: bool, amp_dtype: torch.dtype = torch.bfloat16
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch to the device and through the model and losses (autocast to `amp_dtype`, channels_last with AMP)."""
     images = images.to(device, non_blocking=True)
     if use_amp:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
         return step_module(images, labels)
 
 
-def guard_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Arm a fused Adam to skip its update on the device while its flag is set (GradScaler's found_inf protocol);
-    apply_gradients sets the flag."""
+def guard_updates(optimizer: torch.optim.Optimizer, scaler: LossScaler | None = None) -> torch.optim.Optimizer:
+    """Arm a fused Adam to skip its update on the device while its flag is set (GradScaler's found_inf protocol),
+    and with a float16 loss scale, to divide the scale out of the gradients itself; apply_gradients sets the flag."""
     if not optimizer.defaults.get("fused"):
         raise ValueError("skipping a non-finite update on the device needs a fused optimiser (fused=True)")
+    if scaler is not None:
+        optimizer.grad_scale, optimizer.found_inf = scaler.scale, scaler.found_inf
+        return optimizer
     device = next(p.device for group in optimizer.param_groups for p in group["params"])
     optimizer.grad_scale, optimizer.found_inf = None, torch.zeros((), device=device)
     return optimizer
+
+
+def grad_norms(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The norm of each gradient the optimiser holds, in one kernel (clip_grad_norm_'s); a norm is finite iff its
+    tensor is."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads))
 
 
 def flag_non_finite(optimizer: torch.optim.Optimizer, values: torch.Tensor,
                     stop_requested: bool = False) -> torch.Tensor:
     """Set the optimiser's skip flag when a loss value or a gradient is not finite, on any rank (once set it stays
     set, so no later update lands on top of a skipped one); return [1] when any rank was asked to stop, else [0]."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norms = torch._foreach_norm(grads)  # one kernel for all (clip_grad_norm_'s), a norm is finite iff its tensor is
-    finite = torch.isfinite(values).all() & torch.isfinite(torch.stack(norms)).all()
+    finite = torch.isfinite(values).all() & torch.isfinite(grad_norms(optimizer)).all()
     # one all-reduce for both flags: every rank reads the same stop request at the same step
     flags = any_rank(torch.stack([(~finite).float(), values.new_full((), float(stop_requested))]))
     torch.maximum(optimizer.found_inf, flags[0], out=optimizer.found_inf)
     return flags[1:]
 
 
+def flag_overflow(optimizer: torch.optim.Optimizer, scaler: LossScaler, values: torch.Tensor,
+                  stop_requested: bool = False) -> torch.Tensor:
+    """flag_non_finite under a float16 loss scale, on any rank: a non-finite loss sets the scaler's lasting skip
+    (halted); a non-finite unscaled gradient with finite losses is an overflow, which skips this step alone (and
+    lowers the scale), unless the scale is down to MIN_SCALE already: then it halts too. Return [stop] as
+    flag_non_finite does."""
+    overflow = ~torch.isfinite(grad_norms(optimizer) / scaler.scale).all()
+    flags = any_rank(torch.stack([(~torch.isfinite(values).all()).float(), overflow.float(),
+                                  values.new_full((), float(stop_requested))]))
+    halt = torch.maximum(flags[0], flags[1] * (scaler.scale <= MIN_SCALE))
+    torch.maximum(scaler.halted, halt, out=scaler.halted)
+    torch.maximum(scaler.halted, flags[1], out=scaler.found_inf)
+    return flags[2:]
+
+
 class StepResult(NamedTuple):
-    """A step's values as read on the host: the loss and each term by name, whether its update was skipped, and
-    whether any rank was asked to stop."""
+    """A step's values as read on the host: the loss and each term by name, whether its update was skipped for a
+    non-finite value that stops the run (a float16 overflow's skip is not reported: training goes on), and whether
+    any rank was asked to stop."""
 
     values: dict[str, float]
     skipped: bool
@@ -198,19 +225,23 @@ def queue_read(names: tuple[str, ...], values: torch.Tensor) -> LossRead:
 
 def apply_gradients(total: torch.Tensor, terms: dict[str, torch.Tensor], balancer: LossBalancer,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    shared: torch.Tensor, stop_requested: bool = False) -> LossRead:
-    """Backward, GradNorm's weight gradient when balancing so, the finite check, the optimiser and schedule steps,
-    all queued without a device sync; the step's values and flags come back as a LossRead (optimizer from
-    guard_updates; `stop_requested`, this rank's, is shared with the others in the same all-reduce)."""
+                    shared: torch.Tensor, stop_requested: bool = False, scaler: LossScaler | None = None) -> LossRead:
+    """Backward, GradNorm's weight gradient when balancing so, the finite check, the optimiser and schedule steps
+    (and with a float16 `scaler`, the scaled backward and the scale's update), all queued without a device sync; the
+    step's values and flags come back as a LossRead (optimizer from guard_updates, with the same scaler;
+    `stop_requested`, this rank's, is shared with the others in the same all-reduce)."""
     optimizer.zero_grad(set_to_none=True)
     balance_grad = balancer.gradnorm_grad(terms, shared, average_over_ranks) if balancer.mode == "gradnorm" else None
-    total.backward()
-    if balance_grad is not None:
-        balancer.weights.grad = balance_grad
+    (total if scaler is None else total * scaler.scale).backward()
+    if balance_grad is not None:  # in the gradients' units: the optimiser divides every one by the scale
+        balancer.weights.grad = balance_grad if scaler is None else balance_grad * scaler.scale
     values = torch.stack([value.detach().float() for value in (total, *terms.values())])
-    stop = flag_non_finite(optimizer, values, stop_requested)
-    read = queue_read(("loss", *terms), torch.cat([values, optimizer.found_inf[None], stop]))
+    skipped, stop = ((optimizer.found_inf, flag_non_finite(optimizer, values, stop_requested)) if scaler is None
+                     else (scaler.halted, flag_overflow(optimizer, scaler, values, stop_requested)))
+    read = queue_read(("loss", *terms), torch.cat([values, skipped[None], stop]))
     optimizer.step()
+    if scaler is not None:
+        scaler.update_()
     balancer.renormalise_()
     scheduler.step()
     return read

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -13,14 +16,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import train
 import trainstep
 from conftest import ROOT, SHORT_SCHEDULE
 from losses import reconstruction_loss, sparsity_kl, sparsity_l1, total_loss
 from model import ReIDModel, build_trained
+from precision import LossScaler
 from utils import UserError, load_torch
 
 TINY = [*SHORT_SCHEDULE, "--backbone-name", "resnet18", "--ae-name", "vae", "--latent-dim", "64",
@@ -39,6 +46,17 @@ def trained(learnable: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_metrics(result: Path) -> list[dict]:
     return [json.loads(line) for line in (result / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_events(result: Path) -> EventAccumulator:
+    """Every event under result/tensorboard as TensorBoard reads them: all kept, purged steps left out."""
+    return EventAccumulator(str(result / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+
+
+def tensorboard_scalars(result: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar tag under result/tensorboard as its (step, value) pairs, in the order written."""
+    events = tensorboard_events(result)
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_loss_falls_and_validation_map_rises(trained: Path):
@@ -320,9 +338,11 @@ def test_a_skipped_update_leaves_parameters_and_adam_state_and_stays_skipped():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_training_step_on_a_gpu_queues_without_a_sync():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_training_step_on_a_gpu_queues_without_a_sync(dtype: torch.dtype):
     """train.py's step as it runs with --amp (forward with degraded views and every loss, backward, the finite check,
-    fused Adam, the losses' copy to the host): nothing in it waits for the GPU; the read a step later may."""
+    fused Adam, the losses' copy to the host; in float16, as on a GPU without native bfloat16, the scaled backward and
+    the scale's update too): nothing in it waits for the GPU; the read a step later may."""
     device = torch.device("cuda")
     args = train.parse_args(["--backbone-name", "resnet18", "--latent-dim", "32", "--img-size", "64", "32",
                              "--batch-p", "4", "--batch-k", "2", "--amp", "--device", "cuda"])
@@ -330,15 +350,17 @@ def test_a_training_step_on_a_gpu_queues_without_a_sync():
         device, memory_format=torch.channels_last)
     weights = train.loss_weights(args)
     balancer = train.build_balancer(args, weights).to(device)
-    optimizer = train.build_optimizer(model, args, balancer)
+    scaler = LossScaler(device) if dtype == torch.float16 else None
+    optimizer = train.build_optimizer(model, args, balancer, scaler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     module = trainstep.TrainStep(model, weights, balancer, args)
     images, labels = torch.randn(8, 3, 64, 32, device=device), torch.arange(4, device=device).repeat_interleave(2)
 
     def step(index: int) -> trainstep.LossRead:
         module.step = index
-        total, terms = trainstep.batch_losses(module, images, labels, device, True)
-        return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model))
+        total, terms = trainstep.batch_losses(module, images, labels, device, True, dtype)
+        return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model),
+                                         scaler=scaler)
 
     reads = [step(0)]  # Adam's state and the constants made
     torch.cuda.synchronize()
@@ -533,9 +555,86 @@ def test_image_reconstruction_lowers_its_loss_and_draws_recon_png(learnable: Pat
 
     with Image.open(result / "recon.png") as grid:  # 8 inputs above 8 reconstructions, 16×8 each, ×4, padded
         assert grid.size == (4 * (8 * (8 + 2) + 2), 4 * (2 * (16 + 2) + 2))
+        drawn = np.asarray(grid.convert("RGB"))
+    images = tensorboard_events(result).Images("reconstruction")  # each epoch's grid, the last one recon.png's
+    assert [image.step for image in images] == [row["step"] for row in rows]
+    with Image.open(io.BytesIO(images[-1].encoded_image_string)) as logged:
+        assert np.array_equal(np.asarray(logged.convert("RGB")), drawn)
     model = ReIDModel("resnet18", "vae", 16, latent_dim=64, img_size=(64, 32), recon_target="image")
     out = model(torch.randn(4, 3, 64, 32))
     assert out["recon"].shape == out["recon_target"].shape == (4, 3, 16, 8)
+
+
+def epoch_mean(scalars: list[tuple[int, float]], row: dict, steps_per_epoch: int) -> float:
+    """The mean of a per-step scalar over the steps of a row's epoch."""
+    values = [value for step, value in scalars if row["step"] - steps_per_epoch < step <= row["step"]]
+    assert len(values) == steps_per_epoch
+    return sum(values) / len(values)
+
+
+def test_tensorboard_shows_what_metrics_jsonl_records_and_a_resumed_run_writes_on_without_doubled_steps(
+        learnable: Path, tmp_path: Path):
+    """A run stopped at step 3, events a crash after its checkpoint would have left, and the run resumed to the end
+    of epoch 1: each step's loss terms once, the resumed ones, their means metrics.jsonl's; the learning rates,
+    weights and validation of each row; the epoch's images/s (the resumed part's images over its seconds)."""
+    result = tmp_path / "r"
+    flags = ["--data", str(learnable), "--result-dir", str(result), "--epochs", "2", *TINY]
+    train.main([*flags, "--max-steps", "3"])
+    time.sleep(1.1)  # event files are named by the second they are opened in, and read in that order
+    with SummaryWriter(str(result / "tensorboard")) as stale:
+        for step in (4, 5):
+            stale.add_scalar("loss/triplet", 1e6, step)
+    time.sleep(1.1)
+    steps = 15  # 120 images, P×K = 8
+    train.main([*flags, "--resume", "--max-steps", str(steps + 2)])
+    rows, scalars = read_metrics(result), tensorboard_scalars(result)
+    assert [row["step"] for row in rows] == [0, steps]
+    for name in ("loss", "triplet", "id", "kl", "reconstruction", "bce"):
+        tag = "loss/total" if name == "loss" else f"loss/{name}"
+        assert [step for step, _ in scalars[tag]] == list(range(1, steps + 3)), tag
+        assert epoch_mean(scalars[tag], rows[1], steps) == pytest.approx(rows[1][name], rel=1e-5), tag
+    assert max(value for _, value in scalars["loss/triplet"]) < 1e3
+    assert "loss/sparsity" not in scalars
+    for tag, key in (("lr/lr", "lr"), ("lr/lr_classifier", "lr_classifier")):
+        assert scalars[tag] == [(steps, pytest.approx(rows[1][key], rel=1e-6))]
+    for tag, key in (("val/mAP", "val_mAP"), ("val/rank1", "val_rank1"), ("val/mINP", "val_mINP"),
+                     ("weight/kl", "weight_kl"), ("weight/bce", "weight_bce")):
+        assert scalars[tag] == [(row["step"], pytest.approx(row[key], rel=1e-6)) for row in rows], tag
+    assert scalars["throughput/images_per_s"] == [(steps, pytest.approx((steps - 3) * 8 / rows[1]["epoch_seconds"],
+                                                                        rel=1e-5))]
+
+
+def test_no_tensorboard_writes_no_event_files(learnable: Path, tmp_path: Path):
+    train.main(["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", "--max-steps", "1",
+                "--no-tensorboard", *TINY])
+    assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "tensorboard").exists()
+
+
+def overflow_gradient(total: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+    """A total of unchanged value whose gradient is 1e30 times the KL's: no loss scale keeps it finite in float16."""
+    huge = terms["kl"].float() * 1e30  # the term may be float16 under autocast: its value would overflow too
+    return total + (huge - huge.detach()), terms
+
+
+def test_float16_skips_an_overflow_lowers_the_scale_trains_on_and_resumes_the_scale(learnable: Path, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch):
+    """--amp's float16 path (a GPU without native bfloat16), on the CPU: step 2's gradient overflows; its update is
+    skipped (Adam counts 3 updates in 4 steps), the scale halves, the run goes on; --resume continues the scale
+    (from 2⁸, which this run's own gradients do not overflow)."""
+    monkeypatch.setattr(train, "autocast_dtype", lambda amp, device_type, native_bf16: torch.float16)
+    monkeypatch.setattr(train, "LossScaler", functools.partial(LossScaler, init_scale=2.0**8))
+    poison_step(monkeypatch, 3, overflow_gradient)
+    flags = ["--data", str(learnable), "--result-dir", str(tmp_path / "r"), "--epochs", "1", "--amp", *TINY]
+    assert train.main([*flags, "--max-steps", "4"]) == {"stopped_at_step": 4}
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["precision"] == "float16"
+    state = load_torch(tmp_path / "r" / "checkpoint.pt")
+    # steps 0 and 1 count 2 toward growth, step 2's overflow halves the scale and restarts the count, step 3 counts 1
+    assert state["scaler"] == {"scale": 2.0**7, "growth_tracker": 1}
+    assert {index: s["step"].item() for index, s in state["optimizer"]["state"].items()} == dict.fromkeys(
+        state["optimizer"]["state"], 3.0)
+    assert state["meters"]["loss"][1] == 4 * 8 and math.isfinite(state["meters"]["loss"][0])  # step 2 counted
+    assert train.main([*flags, "--resume", "--max-steps", "5"]) == {"stopped_at_step": 5}
+    assert load_torch(tmp_path / "r" / "checkpoint.pt")["scaler"] == {"scale": 2.0**7, "growth_tracker": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------
