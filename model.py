@@ -116,6 +116,16 @@ def torchvision_weights(name: str, pretrained: str) -> torchvision.models.Weight
     return weights[pretrained]
 
 
+def is_resnet(name: str) -> bool:
+    """Whether backbone `name` is a ResNet, torchvision's or timm's (the backbones --last-stride applies to)."""
+    if not name.startswith(TIMM_PREFIX):
+        return name.startswith("resnet")
+    import timm
+
+    arch = name[len(TIMM_PREFIX):].split(".")[0]
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.resnet"
+
+
 def _set_last_stride_one(resnet: nn.Module) -> None:
     # The first block of layer4 is the only place that halves the map; keeping it doubles the map (BoT).
     for module in resnet.layer4[0].modules():

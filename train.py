@@ -44,10 +44,10 @@ from globalbatch import batch_record, has_sync_batch_norm, sync_batch_norm
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import (
     AE_NAMES,
-    BACKBONE_NAMES,
     EMBEDDINGS,
     RECON_TARGETS,
     ReIDModel,
+    is_resnet,
     load_part_state,
     model_from_settings,
     read_state_dict,
@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     check_batch_and_schedule(parser, args)
     given = given_flags(tokens, parser)
     check_loss_inputs(parser, args, given)
-    if "last_stride" in given and args.backbone_name in BACKBONE_NAMES and not args.backbone_name.startswith("resnet"):
+    if "last_stride" in given and not is_resnet(args.backbone_name):
         parser.error(f"--last-stride: applies to ResNets (torchvision's and timm's); {args.backbone_name} is not one")
     if args.sparsity is None:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0

@@ -109,6 +109,7 @@ def test_a_recipe_with_an_unknown_flag_or_a_bad_value_is_refused(tmp_path: Path)
     (["--ae-name", "none", "--reconstruction", "1"], "--reconstruction 1: --ae-name none has no reconstruction"),
     (["--epochs", "20"], "--milestones 40 70: expected epochs from 1 to --epochs 20"),
     (["--backbone-name", "densenet121", "--last-stride", "1"], "--last-stride: applies to ResNets"),
+    (["--backbone-name", "timm:vit_tiny_patch16_224", "--last-stride", "1"], "vit_tiny_patch16_224 is not one"),
     (["--warmup-factor", "0"], "--warmup-factor 0: expected a share"),
 ])
 def test_flags_that_leave_a_term_or_the_schedule_without_its_inputs_are_refused(flags: list[str], message: str,
@@ -177,6 +178,11 @@ def test_pretrained_file_flag_loads_every_backbone_key(tmp_path: Path):
     loaded = model.backbone.state_dict()
     assert loaded.keys() == saved.state_dict().keys()
     assert all(torch.equal(loaded[key], value) for key, value in saved.state_dict().items())
+
+
+def test_last_stride_is_accepted_for_every_resnet_it_names():
+    for name in ("resnet50", "timm:resnet50d", "timm:resnet18.a1_in1k"):
+        assert train.parse_args(["--backbone-name", name, "--last-stride", "2"]).last_stride == 2
 
 
 def test_timm_resnets_take_last_stride_one():
