@@ -128,7 +128,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     """A CPU generator seeded by (seed, epoch, batch): a resumed epoch draws the same parameters."""
-    # The trailing 0 was once the rank: kept, so a single process draws as it did.
+    # The fourth entry is 0 for every rank: the draws are the global batch's, and checkpoints resume with them.
     state = np.random.SeedSequence([seed, epoch, batch, 0]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 

@@ -687,8 +687,7 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest, shared: torch.Tensor) -
     previous: LossRead | None = None
     for images, labels, _, _ in bar:
         run.train_step.step = run.step
-        total, terms = batch_losses(run.step_module, images, labels, run.device, run.precision != torch.float32,
-                                    run.precision)
+        total, terms = batch_losses(run.step_module, images, labels, run.device, run.precision)
         read = apply_gradients(total, terms, run.balancer, run.optimizer, run.scheduler, shared, stop.requested,
                                run.scaler)
         read.step, read.batch, read.images = run.step, batch_index, images.shape[0]

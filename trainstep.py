@@ -110,29 +110,30 @@ class TrainStep(nn.Module):
 
 def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over the processes of a distributed run (itself in a single process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return tensor
     tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
+    return tensor / world_size()
 
 
 def any_rank(flag: torch.Tensor) -> torch.Tensor:
     """A 0/1 flag's maximum over the processes of a distributed run (itself in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
 
 
 def batch_losses(step_module: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 use_amp: bool, amp_dtype: torch.dtype = torch.bfloat16
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch to the device and through the model and losses (autocast to `amp_dtype`, channels_last with AMP)."""
+                 precision: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch to the device and through the model and losses: autocast to `precision` and channels_last, unless
+    it is float32 (precision.autocast_dtype's choice)."""
+    amp = precision != torch.float32
     images = images.to(device, non_blocking=True)
-    if use_amp:
+    if amp:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+    with torch.autocast(device.type, dtype=precision, enabled=amp):
         return step_module(images, labels)
 
 

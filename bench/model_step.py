@@ -236,7 +236,8 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
                                           fused=True)
     steps = {"bare": bare_step(model.backbone, backbone_optimizer, images, amp),
              "ours": our_step(ours_module, ours_optimizer, shared,
-                              lambda: batch_losses(ours_module, images, labels, device, amp))}
+                              lambda: batch_losses(ours_module, images, labels, device,
+                                                   torch.bfloat16 if amp else torch.float32))}
     heads = targs.recon_target == "feature"  # an image target needs the images, which the identity does not pass on
     if heads:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

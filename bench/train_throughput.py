@@ -178,7 +178,8 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
 
     def step() -> None:
         images, labels = batches()
-        total, terms = batch_losses(step_module, images, labels, device, use_amp)
+        total, terms = batch_losses(step_module, images, labels, device,
+                                    torch.bfloat16 if use_amp else torch.float32)
         read = apply_gradients(total, terms, balancer, optimizer, scheduler, shared)
         if queued:  # the step before, read as train.py reads it: one step late, with no wait
             values, skipped, _ = queued.pop().result()

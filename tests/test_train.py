@@ -358,7 +358,7 @@ def test_a_training_step_on_a_gpu_queues_without_a_sync(dtype: torch.dtype):
 
     def step(index: int) -> trainstep.LossRead:
         module.step = index
-        total, terms = trainstep.batch_losses(module, images, labels, device, True, dtype)
+        total, terms = trainstep.batch_losses(module, images, labels, device, dtype)
         return trainstep.apply_gradients(total, terms, balancer, optimizer, scheduler, train.shared_layer(model),
                                          scaler=scaler)
 
