@@ -17,7 +17,8 @@ from torch import Tensor
 from utils import LOG
 
 # What losses.total_loss reads of the model's outputs; the other outputs stay out of the gather.
-LOSS_INPUTS = ("z", "logits", "mu", "logvar", "recon", "recon_target", "sparse_code")
+LOSS_INPUTS = ("z", "logits", "mu", "logvar", "recon", "recon_target", "sparse_code", "feat", "target_feat",
+               "view_logits")
 
 
 def world_size() -> int:

@@ -1,8 +1,10 @@
-"""Losses on a P×K batch: triplet, identity, KL, reconstruction, sparsity, Siamese BCE; their weighted sum
-and the balancing of its weights (fixed, learned uncertainty, GradNorm)."""
+"""Losses on a P×K batch: triplet, identity, KL, reconstruction, sparsity, Siamese BCE, feature consistency and
+Jensen–Shannon consistency across views; their weighted sum and the balancing of its weights (fixed, learned
+uncertainty, GradNorm)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,6 +63,19 @@ def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:
 def reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over all elements."""
     return F.mse_loss(recon, target)
+
+
+def feature_consistency(feat: Tensor, clean_feat: Tensor) -> Tensor:
+    """Mean squared distance of each view's feature to its clean view's, the clean feature held fixed."""
+    return F.mse_loss(feat, clean_feat.detach())
+
+
+def js_consistency(view_logits: Tensor) -> Tensor:
+    """Jensen–Shannon divergence of the identity predictions over V views (AugMix's): (1/V) Σ_v KL(p_v ‖ M), M the
+    mean of the p_v; view_logits is [B, V, C], summed over classes, mean over the batch."""
+    log_p = F.log_softmax(view_logits.float(), dim=2)
+    log_mixture = torch.logsumexp(log_p, dim=1, keepdim=True) - math.log(view_logits.shape[1])
+    return (log_p.exp() * (log_p - log_mixture)).sum(2).mean(1).mean()
 
 
 def sparsity_kl(code: Tensor, target: float = 0.05) -> Tensor:
@@ -138,6 +153,8 @@ class LossWeights:
     reconstruction: float = 0.0
     sparsity: float = 0.0
     bce: float = 0.0
+    consistency: float = 0.0
+    js: float = 0.0
 
 
 def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossWeights,
@@ -151,7 +168,8 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
     `outputs` is ReIDModel.forward's dict; `model` is needed only for bce, whose pairs number `pair_count` a kind
     (mine_pairs, its random negatives drawn from `lottery`; counted from the labels when None). Terms the
     autoencoder has nothing for are skipped: kl without μ (not a VAE), reconstruction without a decoder (`none`),
-    sparsity without a sigmoid code (not an SAE).
+    sparsity without a sigmoid code (not an SAE); and the views' terms without views: consistency without a clean
+    view's feature (target_feat), js without several views' logits (view_logits).
     """
     if sparsity_mode not in SPARSITY_MODES:
         raise ValueError(f"unknown sparsity mode {sparsity_mode!r}: expected {' or '.join(SPARSITY_MODES)}")
@@ -171,6 +189,10 @@ def total_loss(outputs: dict[str, Tensor | None], labels: Tensor, weights: LossW
     if weights.bce:
         idx_i, idx_j, target = mine_pairs(labels, z, pair_count, lottery)
         terms["bce"] = siamese_bce(model.verify(z[idx_i], z[idx_j]), target)
+    if weights.consistency and outputs.get("target_feat") is not None:
+        terms["consistency"] = feature_consistency(outputs["feat"], outputs["target_feat"])
+    if weights.js and outputs.get("view_logits") is not None:
+        terms["js"] = js_consistency(outputs["view_logits"])
     scales = {"kl": kl_scale}
     total = sum((getattr(weights, name) * scales.get(name, 1.0) * term for name, term in terms.items()), z.sum() * 0.0)
     return total, terms

@@ -297,6 +297,10 @@ class AutoEncoder(nn.Module):
     def corrupt(self, feat: Tensor) -> Tensor:
         return feat
 
+    def reconstruct(self, feat: Tensor) -> Tensor:
+        """The decoder's output from the deterministic code (no denoising noise)."""
+        return self.decoder(self.encode(feat))
+
     def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
         z = self.encode(self.corrupt(feat) if self.training else feat)
         return _outputs(z, z, self.decoder(z))
@@ -341,6 +345,10 @@ class VariationalAE(nn.Module):
 
     def encode(self, feat: Tensor) -> Tensor:
         return self.mu(self.encoder(feat))
+
+    def reconstruct(self, feat: Tensor) -> Tensor:
+        """The decoder's output from μ."""
+        return self.decoder(self.encode(feat))
 
     def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
         hidden = self.encoder(feat)
@@ -395,12 +403,13 @@ class BNNeckClassifier(nn.Module):
 
 
 class Heads(nn.Module):
-    """The identity classifier and the Siamese head: one part, saved together as classifier.pt."""
+    """The identity classifier on the code and the Siamese head on the embedding: one part, saved together as
+    classifier.pt."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, code_dim: int, embed_dim: int, num_classes: int) -> None:
         super().__init__()
-        self.identity = BNNeckClassifier(dim, num_classes)
-        self.siamese = SiameseHead(dim)
+        self.identity = BNNeckClassifier(code_dim, num_classes)
+        self.siamese = SiameseHead(embed_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,9 +418,14 @@ class Heads(nn.Module):
 
 
 RECON_TARGETS = ("feature", "image")
-# The retrieval embedding: the autoencoder's deterministic code (μ for the VAE), or that code through the identity
-# classifier's BatchNorm neck (BoT's test-time feature).
-EMBEDDINGS = ("mu", "mu-bn")
+# Where the autoencoder sits. series: its code is the embedding. branch: the backbone feature is (as in BoT), and the
+# autoencoder beside it reads the feature, its reconstruction regularising the backbone. residual: a feature denoiser,
+# the embedding f + D(E(f)).
+PLACEMENTS = ("series", "branch", "residual")
+# The retrieval embedding: the placement's code (the autoencoder's μ in series, the feature in branch, the denoised
+# feature in residual), that code through the identity classifier's BatchNorm neck (BoT's test-time feature), or, in
+# branch, the L2-normalised code beside the autoencoder's L2-normalised μ.
+EMBEDDINGS = ("mu", "mu-bn", "mu+latent")
 
 
 def recon_size(img_size: tuple[int, int]) -> tuple[int, int]:
@@ -447,33 +461,47 @@ class ImageDecoder(nn.Module):
 
 
 class ReIDModel(nn.Module):
-    """Backbone → autoencoder → (identity classifier, Siamese head); the embedding is the autoencoder's z."""
+    """Backbone → autoencoder, placed in series, as a branch or as a residual denoiser → (identity classifier on the
+    code, Siamese head on the embedding)."""
 
     def __init__(self, backbone_name: str, ae_name: str, num_classes: int, latent_dim: int = 512,
                  pretrained: str | Path | None = None, last_stride: int = 1,
-                 img_size: tuple[int, int] = (256, 128), recon_target: str = "feature", embedding: str = "mu") -> None:
+                 img_size: tuple[int, int] = (256, 128), recon_target: str = "feature", embedding: str = "mu",
+                 placement: str = "series") -> None:
         super().__init__()
-        if recon_target not in RECON_TARGETS:
-            raise ValueError(f"unknown reconstruction target {recon_target!r}: expected {' or '.join(RECON_TARGETS)}")
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"unknown embedding {embedding!r}: expected {' or '.join(EMBEDDINGS)}")
-        self.embedding = embedding
+        check_model_choices(ae_name, recon_target, embedding, placement)
+        self.embedding, self.placement = embedding, placement if ae_name != "none" else "series"
         self.backbone, self.feat_dim = build_backbone(backbone_name, pretrained, last_stride, img_size)
-        self.ae = build_autoencoder(ae_name, self.feat_dim, latent_dim)
+        self.ae, self.ae_name = build_autoencoder(ae_name, self.feat_dim, latent_dim), ae_name
         self.recon_target, self.recon_size = recon_target, recon_size(img_size)
         if recon_target == "image":  # part of the autoencoder, so it is saved and loaded with it (ae.pt)
             self.ae.image_decoder = ImageDecoder(self.ae.latent_dim, self.recon_size)
-        self.embed_dim, self.img_size = self.ae.latent_dim, tuple(img_size)
-        self.classifier = Heads(self.embed_dim, num_classes)
+        if self.placement == "residual":  # the denoiser starts as the identity: the model starts as `none`
+            nn.init.zeros_(self.ae.decoder[-1].weight)
+            nn.init.zeros_(self.ae.decoder[-1].bias)
+        self.code_dim = self.ae.latent_dim if self.placement == "series" else self.feat_dim
+        self.embed_dim = self.code_dim + (self.ae.latent_dim if embedding == "mu+latent" else 0)
+        self.img_size = tuple(img_size)
+        self.classifier = Heads(self.code_dim, self.embed_dim, num_classes)
 
     def parts(self) -> dict[str, nn.Module]:
         """The separately saved parts, by their file names' stems."""
         return {"backbone": self.backbone, "ae": self.ae, "classifier": self.classifier}
 
+    def code(self, feat: Tensor) -> Tensor:
+        """The placement's deterministic code of backbone features: the autoencoder's μ (series), the feature
+        (branch), or the denoised feature f + D(E(f)) (residual)."""
+        if self.placement == "series":
+            return self.ae.encode(feat)
+        return feat + self.ae.reconstruct(feat) if self.placement == "residual" else feat
+
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise), through the
-        BatchNorm neck when the embedding is mu-bn."""
-        code = self.ae.encode(self.backbone(images))
+        BatchNorm neck when the embedding is mu-bn, beside the normalised μ when it is mu+latent."""
+        feat = self.backbone(images)
+        code = self.code(feat)
+        if self.embedding == "mu+latent":
+            return joined(code, self.ae.encode(feat))
         return self.classifier.identity.bn(code) if self.embedding == "mu-bn" else code
 
     def verify(self, z_i: Tensor, z_j: Tensor) -> Tensor:
@@ -489,29 +517,65 @@ class ReIDModel(nn.Module):
             e_i, e_j = ((e - bn.bias) * scale + bn.running_mean for e in (e_i, e_j))
         return self.verify(e_i, e_j)
 
-    def forward(self, images: Tensor, clean: Tensor | None = None) -> dict[str, Tensor | None]:
-        """What the losses use: feat, z, latent, recon, recon_target, mu, logvar, logits, sparse_code.
+    def forward(self, images: Tensor, clean: Tensor | None = None, views: int = 1) -> dict[str, Tensor | None]:
+        """What the losses use: feat, target_feat, z (the embedding), latent, recon, recon_target, mu, logvar,
+        logits (of the code), sparse_code.
 
-        `clean`, when given, is the clean view of the degraded `images`: everything is computed from `images`
-        except the reconstruction target, made from `clean` and detached (no gradient reaches the clean view).
+        `clean`, when given, is the clean view of the degraded `images`; with `views` > 1, `images` is that many
+        views of one batch stacked, the clean one first. The targets (the reconstruction's and target_feat, the clean
+        view's feature) come from the clean view, detached: no gradient reaches them.
         """
         feat = self.backbone(images)
         out = self.ae(feat)
-        out["feat"] = feat
+        if self.placement == "branch":
+            # Only the reconstruction reaches the backbone through the autoencoder: its other outputs (code, KL,
+            # sparsity) come from a pass on the detached feature.
+            out = {**self.ae(feat.detach()), "recon": out["recon"], "latent": out["latent"]}
+        code = feat if self.placement == "branch" else out["z"]
+        if self.placement == "residual":
+            code = feat + out["recon"]
+            out["recon"] = code  # the denoised feature, drawn towards the clean view's
+        out["feat"], out["target_feat"] = feat, self.clean_feature(feat, clean, views)
         if self.recon_target == "image":
             out["recon"] = self.ae.image_decoder(out["latent"])
-            out["recon_target"] = F.adaptive_avg_pool2d(images if clean is None else clean.detach(), self.recon_size)
-        elif out["recon"] is None:
-            out["recon_target"] = None
-        elif clean is None:
-            # Detached so reconstruction trains the autoencoder without pulling the features towards easy targets.
-            out["recon_target"] = feat.detach()
+            target = (images if clean is None else clean).detach()[:len(images) // views]
+            out["recon_target"] = F.adaptive_avg_pool2d(target, self.recon_size).repeat(views, 1, 1, 1)
         else:
-            # In train mode BatchNorm normalises the clean batch by its own statistics (and its running means see it).
-            with torch.no_grad():
-                out["recon_target"] = self.backbone(clean)
-        out["logits"] = self.classifier.identity(out["z"])
+            out["recon_target"] = None if out["recon"] is None else out["target_feat"]
+        out["z"] = joined(code, out["z"]) if self.embedding == "mu+latent" else code
+        out["logits"] = self.classifier.identity(code)
         return out
+
+    def clean_feature(self, feat: Tensor, clean: Tensor | None, views: int) -> Tensor:
+        """Each row's clean-view feature, detached: the first view's with stacked views, the clean batch's
+        (BatchNorm normalising it by its own statistics in train mode), or the row's own."""
+        if views > 1:
+            return feat[:len(feat) // views].detach().repeat(views, 1)
+        if clean is None:
+            return feat.detach()
+        with torch.no_grad():
+            return self.backbone(clean)
+
+
+def joined(code: Tensor, latent: Tensor) -> Tensor:
+    """The mu+latent embedding: the L2-normalised code beside the L2-normalised latent."""
+    return torch.cat([F.normalize(code, dim=1), F.normalize(latent, dim=1)], dim=1)
+
+
+def check_model_choices(ae_name: str, recon_target: str, embedding: str, placement: str) -> None:
+    """A ValueError naming the choice that is unknown or does not fit the others."""
+    if recon_target not in RECON_TARGETS:
+        raise ValueError(f"unknown reconstruction target {recon_target!r}: expected {' or '.join(RECON_TARGETS)}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding {embedding!r}: expected one of {', '.join(EMBEDDINGS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    if embedding == "mu+latent" and (placement != "branch" or ae_name == "none"):
+        raise ValueError("embedding mu+latent joins an autoencoder's latent to the feature: it needs placement "
+                         f"branch and an autoencoder, not {placement} with {ae_name}")
+    if placement == "residual" and recon_target == "image":
+        raise ValueError("placement residual denoises the feature: its reconstruction target is the feature, "
+                         "not the image")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,7 +593,8 @@ def trained_settings(flags: dict, files: dict[str, str], num_classes: int | None
             "latent_dim": int(flags.get("latent_dim") or latent_dim or 512),
             "img_size": tuple(img_size or flags.get("img_size") or (256, 128)),
             "last_stride": int(flags.get("last_stride") or 1), "num_classes": num_classes,
-            "recon_target": flags.get("recon_target") or "feature", "embedding": flags.get("embedding") or "mu"}
+            "recon_target": flags.get("recon_target") or "feature", "embedding": flags.get("embedding") or "mu",
+            "placement": flags.get("ae_placement") or "series"}
 
 
 def result_settings(result_dir: str | Path) -> dict:
@@ -556,7 +621,8 @@ def model_from_settings(settings: dict, num_classes: int, pretrained: str | Path
     that training and evaluation share."""
     return ReIDModel(settings["backbone"], settings["ae"], num_classes, latent_dim=settings["latent_dim"],
                      pretrained=pretrained, last_stride=settings["last_stride"], img_size=tuple(settings["img_size"]),
-                     recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"))
+                     recon_target=settings["recon_target"], embedding=settings.get("embedding", "mu"),
+                     placement=settings.get("placement", "series"))
 
 
 def build_trained(settings: dict, device: str | torch.device = "cpu") -> ReIDModel:

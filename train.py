@@ -45,8 +45,10 @@ from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import (
     AE_NAMES,
     EMBEDDINGS,
+    PLACEMENTS,
     RECON_TARGETS,
     ReIDModel,
+    check_model_choices,
     is_resnet,
     load_part_state,
     model_from_settings,
@@ -88,19 +90,23 @@ from utils import (
     write_jsonl,
 )
 
-LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce")
+LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce", "consistency", "js")
 # The autoencoders whose outputs a term needs (the others terms need only the embedding and the heads).
 TERM_AUTOENCODERS = {"kl": ("vae",), "sparsity": ("sae",),
                      "reconstruction": tuple(name for name in AE_NAMES if name != "none")}
 # Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
-                 "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "kl_warmup",
+                 "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "augmix",
+                 "ae_placement", "kl_warmup",
                  "beta", "embedding", *LOSS_TERMS, "margin", "label_smoothing", "sparsity_target", "sparsity_mode",
                  "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
                  "warmup_epochs", "warmup_factor", "erasing", "lighting")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
-ABSENT_FLAGS = {"degraded_views": "False", "warmup_factor": "0.1"}
+ABSENT_FLAGS = {"degraded_views": "False", "warmup_factor": "0.1", "augmix": "False", "ae_placement": "series",
+                "consistency": "0.0", "js": "0.0"}
+# CIL's weight of the Jensen–Shannon term (Chen et al., 2021), the default with --augmix.
+CIL_JS_WEIGHT = 12.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,17 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
         "timm:<name>")
     add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae, with degraded views: "
         "the study's best autoencoder, README)")
-    add("--latent-dim", type=int, default=512, help="embedding size (ignored by --ae-name none)")
+    add("--latent-dim", type=int, default=512, help="the autoencoder's code size (ignored by --ae-name none)")
+    add("--ae-placement", choices=PLACEMENTS, default="series",
+        help="where the autoencoder sits: series, its code is the embedding; branch, the embedding is the backbone "
+        "feature (BoT's) and the autoencoder beside it reads that feature, only its reconstruction reaching the "
+        "backbone; residual, a feature denoiser: the embedding is f + D(E(f)), drawn towards the clean view's "
+        "feature by the reconstruction term (ignored by --ae-name none)")
     add("--degraded-views", action=argparse.BooleanOptionalAction, default=True,
         help="train on degraded views (degradations.py: blocks, lighting, box blur, noise; default on, "
         "--no-degraded-views for clean batches): every loss sees the degraded view, except that an autoencoder's "
         "reconstruction target is the clean view's feature, detached; for --ae-name none, plain augmentation")
     add("--degrade-prob", type=float, default=0.5, help="share of a batch's images degraded (--degraded-views)")
+    add("--augmix", action="store_true",
+        help="CIL's views in place of the degraded ones: the clean batch and two AugMix views of it (torchvision's "
+        "AugMix without its brightness, colour, contrast and sharpness operations) through the model; triplet, "
+        "identity and Siamese terms see the clean view, --js ties the three views' identity predictions, and an "
+        "autoencoder's target is the clean view's feature")
+    add("--consistency", type=float, default=0.0,
+        help="weight of the feature consistency term: the mean squared distance of the degraded (or AugMix) view's "
+        "backbone feature to the clean view's, held fixed (needs --degraded-views or --augmix)")
+    add("--js", type=float, default=None,
+        help=f"weight of the Jensen–Shannon consistency of the views' identity predictions (default {CIL_JS_WEIGHT:g}, "
+        "CIL's, with --augmix; needs --augmix)")
     add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
     add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
     add("--embedding", choices=EMBEDDINGS, default="mu",
-        help="the retrieval embedding: mu, the autoencoder's code (μ for vae, the feature for none); mu-bn, that "
-        "code through the identity classifier's BatchNorm neck")
+        help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
+        "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
+        "BatchNorm neck; mu+latent (branch), the L2-normalised code beside the autoencoder's L2-normalised μ")
     add("--pretrained", default="imagenet",
         help="imagenet: the library's ImageNet weights (torchvision's DEFAULT, or timm's), downloaded once into its "
         "cache; a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, ...); a state-dict file; or none")
@@ -208,6 +231,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--last-stride: applies to ResNets (torchvision's and timm's); {args.backbone_name} is not one")
     if args.sparsity is None:
         args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
+    check_views(parser, args, given)
+    try:
+        check_model_choices(args.ae_name, args.recon_target, args.embedding, args.ae_placement)
+    except ValueError as err:
+        parser.error(f"--embedding {args.embedding}, --ae-placement {args.ae_placement}: {err}")
     if args.result_dir is None:
         args.result_dir = Path("runs") / f"{args.backbone_name.replace(':', '_')}_{args.ae_name}"
     args.data = args.data.absolute()  # config.json names the data wherever eval.py is run from
@@ -260,22 +288,43 @@ def check_loss_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace,
                          f"with {', '.join(autoencoders)}); leave the flag out or set it to 0")
 
 
+def check_views(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """--augmix replaces the degraded views (both given is an error) and brings --js; the consistency terms need
+    views to compare."""
+    if args.augmix and args.degraded_views and "degraded_views" in given:
+        parser.error("--augmix --degraded-views: choose one kind of views (--augmix brings CIL's in place of the "
+                     "degraded ones)")
+    if args.augmix:
+        args.degraded_views = False
+    if args.js is None:
+        args.js = CIL_JS_WEIGHT if args.augmix else 0.0
+    if args.js > 0 and not args.augmix:
+        parser.error(f"--js {args.js:g}: the Jensen–Shannon term compares AugMix views; add --augmix or leave it out")
+    if args.consistency > 0 and not (args.augmix or args.degraded_views):
+        parser.error(f"--consistency {args.consistency:g}: compares a view with its clean one; it needs "
+                     "--degraded-views or --augmix")
+    if args.ae_name == "none" and "ae_placement" in given and args.ae_placement != "series":
+        parser.error(f"--ae-placement {args.ae_placement}: places an autoencoder; --ae-name none has none")
+
+
 def loss_weights(args: argparse.Namespace) -> LossWeights:
     """The weight flags as a LossWeights."""
     return LossWeights(**{name: getattr(args, name) for name in LOSS_TERMS})
 
 
-def active_terms(weights: LossWeights, ae_name: str, recon_target: str) -> dict[str, float]:
+def active_terms(weights: LossWeights, ae_name: str, recon_target: str, views: bool = False,
+                 augmix: bool = False) -> dict[str, float]:
     """The terms total_loss computes for this model, with their weight flags: weighted above 0 and produced by it."""
     produced = {"kl": ae_name == "vae", "sparsity": ae_name == "sae",
-                "reconstruction": ae_name != "none" or recon_target == "image"}
+                "reconstruction": ae_name != "none" or recon_target == "image", "consistency": views or augmix,
+                "js": augmix}
     return {name: getattr(weights, name) for name in LOSS_TERMS
             if getattr(weights, name) > 0 and produced.get(name, True)}
 
 
 def build_balancer(args: argparse.Namespace, weights: LossWeights) -> LossBalancer:
     """The --balance mode over the active terms; an error naming the flag when none is active."""
-    prior = active_terms(weights, args.ae_name, args.recon_target)
+    prior = active_terms(weights, args.ae_name, args.recon_target, args.degraded_views, args.augmix)
     if not prior:
         raise UserError(f"--balance {args.balance}: no loss term is active for --ae-name {args.ae_name} "
                         "(every weight of a term it computes is 0)")

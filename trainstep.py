@@ -16,14 +16,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from augmix import augmix_views
 from degradations import degrade
 from globalbatch import gather_batch, rank, world_size
 from losses import LossBalancer, LossWeights, pk_pair_count, total_loss
 from model import ReIDModel
 from precision import MIN_SCALE, LossScaler
 
-# The streams of a step's own draws (step_seed): the degraded views', and the Siamese head's random negatives'.
-VIEW_DRAWS, PAIR_DRAWS = 0, 1
+# The streams of a step's own draws (step_seed): the degraded views', the Siamese head's random negatives', and the
+# AugMix views'.
+VIEW_DRAWS, PAIR_DRAWS, AUGMIX_DRAWS = 0, 1, 2
+# With --augmix the model sees the clean batch and two AugMix views of it (CIL's three).
+AUGMIX_VIEWS = 3
 
 
 def kl_beta(step: int, warmup_steps: int, beta: float) -> float:
@@ -47,7 +51,7 @@ class TrainStep(nn.Module):
 
     Under torchrun the losses are the global batch's: each rank's share of the P×K batch goes through the model,
     and the loss inputs of every rank are gathered (globalbatch.py). The loop sets `step` before each batch: it
-    fixes the KL's β (--kl-warmup, --beta), the degraded views' draws (--degraded-views, --degrade-prob) and the
+    fixes the KL's β (--kl-warmup, --beta), the views' draws (--degraded-views, --degrade-prob, --augmix) and the
     Siamese head's random negatives, each drawn for the global batch whatever the number of ranks."""
 
     def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
@@ -58,6 +62,10 @@ class TrainStep(nn.Module):
                         "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
         self.batch_k = args.batch_k
         self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
+        self.augmix = args.augmix
+        # The clean view goes through the backbone only for what is made from it: a reconstruction target or the
+        # consistency term's feature.
+        self.needs_clean = model.ae_name != "none" or model.recon_target == "image" or weights.consistency > 0
         self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
         # β at this step on the device, shared with the balancer: a compiled step reads the tensor, so a new step
         # neither recompiles it nor changes its CUDA graph.
@@ -77,14 +85,19 @@ class TrainStep(nn.Module):
         self.kl_scale.fill_(kl_beta(step, self.kl_warmup_steps, self.beta))
 
     @torch.compiler.disable
-    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The model's inputs: with --degraded-views the degraded batch, which every loss sees, and the clean one,
-        which only the reconstruction target is made from (a model without one ignores it: plain augmentation);
-        else the batch alone."""
+    def views(self, images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+        """The model's inputs and their number of stacked views. --augmix: the clean batch and two AugMix views,
+        stacked (3). --degraded-views: the degraded batch, which every loss sees, and the clean one, which only the
+        targets are made from, when something is (else plain augmentation). Else the batch alone."""
+        if self.augmix:
+            seed = step_seed(self.seed, AUGMIX_DRAWS, self.step)
+            mixed = augmix_views(images, seed, AUGMIX_VIEWS - 1, (self.rank, self.world))
+            return (torch.cat([images, *mixed]),), AUGMIX_VIEWS
         if not self.degraded_views:
-            return (images,)
+            return (images,), 1
         generator = step_generator(self.seed, VIEW_DRAWS, self.step, images.device)
-        return degrade(images, generator, self.degrade_prob, (self.rank, self.world)), images
+        degraded = degrade(images, generator, self.degrade_prob, (self.rank, self.world))
+        return ((degraded, images) if self.needs_clean else (degraded,)), 1
 
     @torch.compiler.disable
     def pair_lottery(self, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -97,7 +110,10 @@ class TrainStep(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lottery = self.pair_lottery(len(labels) * self.world, images.device)
-        outputs = self.model(*self.views(images))
+        inputs, views = self.views(images)
+        outputs = self.model(*inputs, views=views)
+        if views > 1:
+            outputs = clean_view_rows(outputs, views)
         if self.world > 1:
             outputs, labels = gather_batch(outputs, labels)
         # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
@@ -106,6 +122,16 @@ class TrainStep(nn.Module):
         if self.balancer.mode != "fixed":
             total = self.balancer(terms)  # it weighs the KL, and GradNorm measures its gradient, by kl_scale
         return total, terms
+
+
+def clean_view_rows(outputs: dict[str, torch.Tensor | None], views: int) -> dict[str, torch.Tensor | None]:
+    """Outputs of stacked views (clean first) as CIL's losses take them: the embedding and identity logits of the
+    clean view, which triplet, identity and Siamese terms see, and every view's logits, [B, views, C], for the JS
+    term; the per-row terms (reconstruction, consistency, KL, sparsity) keep every view's rows."""
+    rows = len(outputs["z"]) // views
+    logits = outputs["logits"]
+    return {**outputs, "z": outputs["z"][:rows], "logits": logits[:rows],
+            "view_logits": logits.view(views, rows, -1).transpose(0, 1)}
 
 
 def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,9 @@ def main(out: Path, mode: str, flags: list[str]) -> None:
     rows = PKSampler(labels.tolist(), IDENTITIES, IMAGES_EACH, rank=rank, world_size=world).rows
     images, labels = images[rows].to(device, torch.float64), labels[rows].to(device)
     shared, record = train.shared_layer(model), {"losses": []}
+    inputs, views = step.views(images)
     with torch.no_grad():
-        record["z"] = model(*step.views(images))["z"].cpu()
+        record["z"] = model(*inputs, views=views)["z"].cpu()
     for index in range(3):
         step.step = index
         total, terms = step_module(images, labels)

@@ -32,7 +32,7 @@ LABELS = torch.tensor([0, 0, 1, 1])
 # The loss terms each autoencoder adds to triplet, id and bce.
 AE_TERMS = {"none": set(), "ae": {"reconstruction"}, "dae": {"reconstruction"},
             "vae": {"kl", "reconstruction"}, "sae": {"sparsity", "reconstruction"}}
-OUTPUT_KEYS = {"feat", "z", "latent", "recon", "recon_target", "mu", "logvar", "logits", "sparse_code"}
+OUTPUT_KEYS = {"feat", "target_feat", "z", "latent", "recon", "recon_target", "mu", "logvar", "logits", "sparse_code"}
 
 
 def first_parameter_grad(module: nn.Module) -> torch.Tensor:

@@ -668,7 +668,8 @@ def test_the_encoder_reads_the_degraded_view_and_the_target_is_the_clean_feature
     images, labels = batch()
     step = tiny_step(["--ae-name", "dae", "--degraded-views", "--degrade-prob", "1"])
     step.step = 3
-    degraded, clean = step.views(images)
+    (degraded, clean), views = step.views(images)
+    assert views == 1
     assert clean is images and not torch.equal(degraded, images)
     model = step.model.train()
     with torch.no_grad():  # train mode: BatchNorm by batch statistics, so each view's feature is its own batch's
