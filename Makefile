@@ -55,14 +55,14 @@ bench-gpu: $(STAMP)
 	$(PY) bench/train_throughput.py --device cuda --backbone swin_b --json runs/bench/train_throughput_swin_b.json
 	$(PY) bench/model_step.py --device cuda --seed-list --json runs/bench/model_step_cuda.json
 
-# On a CUDA machine: the README's "On one GPU" figures, in order of priority under a time budget (seconds),
+# On a CUDA machine: docs/benchmarks.md's "On one GPU" figures, in order of priority under a time budget (seconds),
 # resumable: the step and loader, the model step, the Market-size schedule, evaluation, the seed's grid.
 GPU_SECONDS := 540
 
 gpu-suite: $(STAMP)
 	PYTHON=$(PY) bash bench/gpu_suite.sh runs/gpu $(GPU_SECONDS)
 
-# Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): the README's
+# Every backbone × autoencoder pairing under one budget (the CPU list; add --seed-list on a GPU): docs/results.md's
 # table. Finished pairings are skipped, so it resumes; results in runs/pairings/pairings.md and pairings.png.
 PAIRINGS := --img-size 64 32 --epochs 2 --lr 1e-3 --lr-classifier 1e-2 --warmup-epochs 1
 

@@ -3,7 +3,7 @@
 
 torchvision's AugMix draws one set of operations for a whole batch and reads the global generator, so each image is
 augmented on its own, on the host, under a seed of its own: the views are the same whatever the number of ranks,
-and a resumed run draws them as an uninterrupted one. On a GPU this host loop costs time a step (README).
+and a resumed run draws them as an uninterrupted one. On a GPU this host loop runs before each step.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ python eval.py --all-dir runs/demo --corrupt-grid  # every corruption × severit
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
 in verification.py, the path from a result directory to features in features.py, corrupted figures in
-robustness.py. `evaluate_rank`, `re_ranking` and `re_ranking_features` are importable from here too, where
-DESIGN.md's entry points name them.
+robustness.py. `evaluate_rank`, `re_ranking` and `re_ranking_features` are importable from here too.
 """
 
 from __future__ import annotations
@@ -38,11 +37,11 @@ from robustness import ranking_summary, side_by_side, write_grid
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
 from verification import verification_report
 
-__all__ = ["evaluate_rank", "main", "parse_args", "re_ranking", "re_ranking_features"]
+__all__ = ["build_parser", "evaluate_rank", "main", "parse_args", "re_ranking", "re_ranking_features"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """eval.py's flags; `--flag_name` and `--flag-name` are the same flag."""
+def build_parser() -> argparse.ArgumentParser:
+    """eval.py's flags: the model and data flags, then the ranking and verification ones."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
     parser.add_argument("--ap-mode", choices=AP_MODES, default="standard",
@@ -51,6 +50,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify-pairs", type=int, default=4000,
                         help="balanced same/different pairs to score the Siamese head on (0: skip)")
     parser.add_argument("--threshold", type=float, default=0.5, help="same-person probability threshold")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """eval.py's flags; `--flag_name` and `--flag-name` are the same flag."""
+    parser = build_parser()
     args = parse_model_args(parser, argv)
     if args.max_rank < 1:
         parser.error(f"--max-rank {args.max_rank}: expected a positive rank")

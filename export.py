@@ -100,8 +100,8 @@ def default_images(result_dir: Path, flag: str) -> list[Path]:
     return list_images([data / "bounding_box_test"], flag)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """export.py's flags; `--flag_name` works too."""
+def build_parser() -> argparse.ArgumentParser:
+    """export.py's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all-dir", type=Path, required=True, help="a result directory of train.py")
     parser.add_argument("--out", type=Path, help="the ONNX file (default RESULT_DIR/model.onnx)")
@@ -110,6 +110,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-images", type=int, default=16, help="how many of them (one batch)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference allowed")
     parser.add_argument("--opset", type=int, default=17)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """export.py's flags; `--flag_name` works too."""
+    parser = build_parser()
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.check_images < 1:
         parser.error(f"--check-images {args.check_images}: expected a positive number")

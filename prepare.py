@@ -47,8 +47,8 @@ SHOWN_UNREADABLE = 20
 SIZE_FLAGS = ("train_ids", "test_ids", "cameras", "images_per_camera", "height", "width", "distractors", "junk")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags of prepare.py; `-` and `_` spellings are both accepted."""
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of prepare.py, the synthetic set's sizes in a group of their own."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, help="raw data set folder (or its parent)")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
@@ -74,6 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in SIZE_FLAGS:
         synth.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags of prepare.py; `-` and `_` spellings are both accepted."""
+    parser = build_parser()
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.data is None and args.synthetic is None:
         parser.error("give --data RAW --out PREPARED, or --synthetic DIR (optionally with --out PREPARED)")

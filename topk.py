@@ -168,8 +168,8 @@ def write_tables(out: Path, rows: Sequence[dict], fieldnames: Sequence[str], tit
 # ---------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """topk.py's flags: eval.py's model and data flags plus what to show; `--flag_name` works too."""
+def build_parser() -> argparse.ArgumentParser:
+    """topk.py's flags: eval.py's model and data flags plus what to show."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     features.add_model_flags(parser)
     parser.add_argument("--k", type=int, default=10, help="gallery images a query")
@@ -188,6 +188,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-removed", action="store_true",
                         help="also show, greyed, the gallery images the protocol leaves out (same camera, junk)")
     parser.add_argument("--seed", type=int, default=0, help="for random:N")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """topk.py's flags: eval.py's model and data flags plus what to show; `--flag_name` works too."""
+    parser = build_parser()
     args = features.parse_model_args(parser, argv)
     if args.corrupt_grid:
         parser.error("--corrupt-grid: eval.py's (topk.py shows one setting: give --corrupt and --severity)")

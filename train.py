@@ -110,7 +110,7 @@ CIL_JS_WEIGHT = 12.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of train.py: the seed's names, and the rest of DESIGN's."""
+    """The flags of train.py: the original project's names, and the rest."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--config", type=Path, help="a recipe file: YAML whose keys are these flags' names (configs/ holds the "
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
         "timm:<name>")
     add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae, with degraded views: "
-        "the study's best autoencoder, README)")
+        "the study's best autoencoder, docs/results.md)")
     add("--latent-dim", type=int, default=512, help="the autoencoder's code size (ignored by --ae-name none)")
     add("--ae-placement", choices=PLACEMENTS, default="series",
         help="where the autoencoder sits: series, its code is the embedding; branch, the embedding is the backbone "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2086,SC2046  # $PY, $IMG, the flag lists and the --resume test are word lists
-# The README's GPU measurements, in order of priority, each stopped at its time limit, resumable.
+# The GPU measurements of docs/benchmarks.md, in order of priority, each stopped at its time limit, resumable.
 #
 #   bench/gpu_suite.sh RESULTS [SECONDS]      # e.g. bench/gpu_suite.sh runs/gpu 520
 #

@@ -63,8 +63,8 @@ class GridStopped(Exception):
     """Training was asked to stop (Ctrl-C, SIGTERM): the grid stops too, to resume on the next run."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """The grid's flags, and the rest, which go to train.py."""
+def build_parser() -> argparse.ArgumentParser:
+    """The grid's own flags (any other flag goes to train.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", type=Path, help="a prepared root (default: the synthetic set in data/prepared, made if missing)")
@@ -83,6 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     add("--seed", type=int, default=0)
     add("--split", default="test", help="the split eval.py measures (test, val, seed_test, seed_val)")
     add("--workers", type=int, default=1)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The grid's flags, and the rest, which go to train.py."""
+    parser = build_parser()
     args, rest = parser.parse_known_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.seed_list:
         args.backbones = list(SEED_BACKBONES)
@@ -236,7 +242,7 @@ def run_figures(run: Path) -> dict:
             "train_s": summary["seconds"], "parameters": sum(config["parameters"].values()),
             "embed_dim": config["embed_dim"], "best_val_mAP": summary["best_val_mAP"],
             "ae_name": config["flags"]["ae_name"], "degraded_views": config["flags"].get("degraded_views", False),
-            "degrade_prob": config["flags"].get("degrade_prob", 0.5)}
+            "degrade_prob": config["flags"].get("degrade_prob", 0.5), "augmix": config["flags"].get("augmix", False)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,13 +277,17 @@ def aggregate(backbone: str, name: str, runs: list[dict]) -> dict:
         if values:
             row[key], row[f"{key}_std"] = seed_stats(values)
     first = done[0]
-    return {**row, **{k: first[k] for k in ("parameters", "embed_dim", "ae_name", "degraded_views", "degrade_prob")}}
+    return {**row, **{k: first[k] for k in ("parameters", "embed_dim", "ae_name", "degraded_views", "degrade_prob",
+                                                "augmix")}}
 
 
 def baseline_of(row: dict, rows: list[dict]) -> dict | None:
-    """The `none` row of the same backbone trained on the same data (degraded views or not, same share)."""
+    """The first `none` row of the same backbone trained on the same views: AugMix, degraded (the same share) or
+    clean batches."""
     def data(r: dict) -> tuple:
-        return (True, r["degrade_prob"]) if r.get("degraded_views") else (False,)
+        if r.get("augmix"):
+            return ("augmix",)
+        return ("degraded", r["degrade_prob"]) if r.get("degraded_views") else ("clean",)
 
     return next((r for r in rows if "mAP" in r and r["backbone"] == row["backbone"] and r["ae_name"] == "none"
                  and data(r) == data(row)), None)
@@ -330,7 +340,7 @@ def table_markdown(rows: list[dict], budget: dict, command: str) -> str:
               "(n/a where eval.py has no --corrupt). With several seeds a figure is mean ± sample standard deviation "
               f"(seeds per row: {', '.join(map(str, seeds))}), and a difference smaller than twice the larger spread "
               "is a tie (bold: the best mAP and the rows tied with it). Δ vs none: points against the `none` row "
-              "trained on the same data (with or without degraded views). Train time is the mean last training "
+              "trained on the same views (clean, degraded or AugMix). Train time is the mean last training "
               "session's wall time."]
     return "\n".join(lines) + "\n"
 

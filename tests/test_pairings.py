@@ -107,7 +107,7 @@ def test_a_difference_under_twice_the_larger_spread_is_a_tie():
 def hand_run(seed: int, mAP: float, ae: str, corrupted: float | None = None) -> dict:
     run = {"seed": seed, "mAP": mAP, "mINP": 0.1, "rank1": 0.5, "rank5": 0.6, "rank10": 0.7, "train_s": 10.0,
            "parameters": 2e6, "embed_dim": 64, "best_val_mAP": 0.3, "ae_name": ae, "degraded_views": True,
-           "degrade_prob": 0.5}
+           "degrade_prob": 0.5, "augmix": False}
     return {**run, "corrupted_mAP": corrupted, "corrupted_rank1": 0.25} if corrupted is not None else run
 
 
@@ -129,6 +129,20 @@ def test_the_table_shows_mean_and_spread_and_applies_the_tie_rule():
     assert lines["dae+deg"][6] == "25.0 ± 0.0"
     # One seed left of vae: no spread, no verdict; its corrupted figures are n/a.
     assert lines["vae+deg"][2] == "60.0" and lines["vae+deg"][3] == "-22.0" and lines["vae+deg"][4] == "n/a"
+
+
+def test_each_row_is_compared_with_the_none_row_trained_on_the_same_views():
+    def row(name: str, ae: str, **views) -> dict:
+        runs = [{**hand_run(seed, 0.5, ae), "degraded_views": False, "augmix": False, **views} for seed in (0, 1)]
+        return pairings.aggregate("r18", name, runs)
+
+    none, none_deg, none_cil = row("none", "none"), row("none+deg", "none", degraded_views=True), row(
+        "none+cil", "none", augmix=True)
+    sae_deg, sae_cil = row("sae+deg", "sae", degraded_views=True), row("sae+cil", "sae", augmix=True)
+    sae_deg30 = row("sae+deg30", "sae", degraded_views=True, degrade_prob=0.3)
+    rows = [none, none_deg, none_cil, sae_deg, sae_cil, sae_deg30]
+    assert pairings.baseline_of(sae_deg, rows) is none_deg and pairings.baseline_of(sae_cil, rows) is none_cil
+    assert pairings.baseline_of(none_cil, rows) is none_cil and pairings.baseline_of(sae_deg30, rows) is None
 
 
 def test_a_variant_is_a_named_row_with_its_train_flags(capsys: pytest.CaptureFixture):
