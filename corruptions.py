@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates
 from skimage.color import hsv2rgb, rgb2hsv
 
+from datasets import load_image
 from utils import UserError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -420,3 +422,67 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
         raise UserError(f"corrupt: expected a uint8 H×W×3 image, got {image.dtype} {image.shape}")
     out = FUNCTIONS[name](image, int(severity), np.random.default_rng(seed))
     return np.asarray(out).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Market-1501-C protocol: a corruption and severity drawn per evaluation image from a fixed seed
+# ---------------------------------------------------------------------------------------------------------
+
+QUERY_SIDE, GALLERY_SIDE = 0, 1
+
+Draw = tuple[str, int, int]  # corruption name, severity, noise seed
+
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    """Which corruptions and severities evaluation images draw from, and the seed of the draws."""
+
+    names: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = SEVERITIES
+    seed: int = 0
+
+    def key(self) -> str:
+        """The settings in words, e.g. 'all|s=all|seed=0' or 'fog,rain|s=3|seed=1' (results.json's key)."""
+        names = "all" if self.names == CORRUPTIONS else ",".join(self.names)
+        severities = "all" if self.severities == SEVERITIES else ",".join(map(str, self.severities))
+        return f"{names}|s={severities}|seed={self.seed}"
+
+    def __str__(self) -> str:
+        return self.key()
+
+
+def corruption_draw(settings: CorruptionSettings, side: int, index: int) -> Draw:
+    """The corruption, severity and noise seed of image `index` of a side (query or gallery): a function of
+    (seed, side, index) alone, so loader workers and batching cannot change it."""
+    rng = np.random.default_rng([settings.seed, side, index])
+    name = settings.names[int(rng.integers(len(settings.names)))]
+    severity = settings.severities[int(rng.integers(len(settings.severities)))]
+    return name, severity, int(rng.integers(2**63))
+
+
+def corruption_draws(settings: CorruptionSettings, num_query: int, num_gallery: int) -> list[Draw]:
+    """Draws for the query images then the gallery images, in that order (split_features')."""
+    return ([corruption_draw(settings, QUERY_SIDE, i) for i in range(num_query)] +
+            [corruption_draw(settings, GALLERY_SIDE, i) for i in range(num_gallery)])
+
+
+def corrupted_image(image: Image.Image, draw: Draw | None) -> Image.Image:
+    """The decoded image with its drawn corruption applied at its stored size (unchanged when `draw` is None)."""
+    if draw is None:
+        return image
+    return Image.fromarray(corrupt(np.asarray(image), *draw))
+
+
+class CorruptedImages(Sequence):
+    """Image files read and corrupted one by one as they are indexed, each by its draw (embed_images takes it)."""
+
+    def __init__(self, paths: Sequence[str], draws: Sequence[Draw]):
+        if len(draws) != len(paths):
+            raise ValueError(f"{len(draws)} corruption draws for {len(paths)} images")
+        self.paths, self.draws = list(paths), list(draws)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return corrupted_image(load_image(self.paths[index]), self.draws[index])

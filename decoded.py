@@ -31,7 +31,6 @@ from datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SATURATION,
-    ImageRecord,
     PKSampler,
     build_transforms,
     crop_padding,
@@ -39,6 +38,7 @@ from datasets import (
     load_image,
     train_loader,
 )
+from layouts import ImageRecord
 from utils import LOG, device_constant
 
 LOADERS = ("tensor", "pil")

@@ -8,7 +8,7 @@ python eval.py --all-dir runs/demo --corrupt all   # clean and Market-1501-C-cor
 python eval.py --all-dir runs/demo --corrupt-grid  # every corruption × severity: robustness.json/.png/.md
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
-in verification.py, the path from a result directory to features in features.py, corrupted figures in
+in verification.py, the model and the split's features in eval_inputs.py, corrupted figures in
 robustness.py. `evaluate_rank`, `re_ranking` and `re_ranking_features` are importable from here too.
 """
 
@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from datasets import manifest_path
-from features import (
+from eval_inputs import (
     add_model_flags,
     corrupted_evaluation,
     data_provenance,
     output_dir,
     parse_model_args,
     prepare_evaluation,
-    rank_split,
+    trained_result,
     unaugmented_features,
 )
-from metrics import AP_MODES, evaluate_rank
+from metrics import AP_MODES, evaluate_rank, rank_split
 from rerank import re_ranking, re_ranking_features
 from robustness import ranking_summary, side_by_side, write_grid
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
@@ -71,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     folder, the figures logged; returns the report."""
     args = parse_args(argv)
     setup_logging()
-    out = output_dir(args)
-    inputs = prepare_evaluation(args, out)
+    result_dir = trained_result(args)
+    out = output_dir(args, result_dir)
+    inputs = prepare_evaluation(args, result_dir, out)
     settings, prepared, found, distances = inputs.settings, inputs.prepared, inputs.found, inputs.distances
     options = {"max_rank": args.max_rank, "ap_mode": args.ap_mode}
     result = rank_split(distances, found, args.split, prepared, **options)
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": settings, "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "manifest": {"path": str(manifest_path(prepared, args.split)),
                      "sha256": sha256_file(manifest_path(prepared, args.split))},
-        "data": data_provenance(args, prepared),
+        "data": data_provenance(args, result_dir, prepared),
         "versions": versions(),
     }
     if "classifier" in settings["files"] and args.verify_pairs > 0:

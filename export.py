@@ -23,16 +23,16 @@ import torch
 from torch import nn
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
-from features import ImageList
+from embedding import ImageList
 from gallery import list_images
-from model import ReIDModel, load_trained
+from model import ReIDModel, build_trained, result_settings
+from resultdir import ResultDir
 from utils import (
     LOG,
     UserError,
     atomic_write_bytes,
     config_record,
     normalise_flag_spelling,
-    read_json,
     run_script,
     setup_logging,
     write_json,
@@ -91,9 +91,9 @@ def check_batch(paths: Sequence[Path], img_size: tuple[int, int]) -> torch.Tenso
     return torch.stack([images[i][0] for i in range(len(images))])
 
 
-def default_images(result_dir: Path, flag: str) -> list[Path]:
+def default_images(result: ResultDir, flag: str) -> list[Path]:
     """Images to check with when --images is not given: the gallery of the data the model was trained on."""
-    data = Path(read_json(result_dir / "config.json")["flags"]["data"])
+    data = Path(result.flags["data"])
     if not (data / "bounding_box_test").is_dir():
         raise UserError(f"{flag}: needed, as the training data {data} (config.json) is not here; give image files "
                         "or folders to check the export with")
@@ -103,7 +103,8 @@ def default_images(result_dir: Path, flag: str) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     """export.py's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--all-dir", type=Path, required=True, help="a result directory of train.py")
+    parser.add_argument("--result-dir", "--all-dir", dest="all_dir", type=Path, required=True,
+                        help="a result directory of train.py")
     parser.add_argument("--out", type=Path, help="the ONNX file (default RESULT_DIR/model.onnx)")
     parser.add_argument("--images", nargs="+", help="image files or folders to check with (default: the training "
                         "data's bounding_box_test)")
@@ -128,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = args.out if args.out is not None else args.all_dir / "model.onnx"
     if not args.all_dir.is_dir():
         raise UserError(f"--all-dir {args.all_dir}: no such folder (expected a result directory of train.py)")
-    model = load_trained(args.all_dir)
-    paths = list_images(args.images, "--images") if args.images else default_images(args.all_dir, "--images")
+    result = ResultDir(args.all_dir)
+    model = build_trained(result_settings(result), "cpu")
+    paths = list_images(args.images, "--images") if args.images else default_images(result, "--images")
     images = check_batch(paths[:args.check_images], model.img_size)
     data = onnx_bytes(model, args.opset)
     difference = max_difference(data, model, images)

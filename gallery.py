@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import parse_market_name
-from features import embedding_batches, model_fingerprint
+from embedding import embedding_batches, model_fingerprint
+from layouts import parse_market_name
 from metrics import JUNK_PID, pairwise_distance
 from model import ReIDModel
 from utils import LOG, UserError, read_npz_cache, write_npz_cache

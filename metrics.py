@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from datasets import JUNK_PID
+from layouts import JUNK_PID
+from utils import UserError
 
 AP_MODES = ("standard", "devkit")
 
@@ -187,3 +189,13 @@ def embedding_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclid
     """Retrieval distances between embeddings: L2-normalised first, then squared Euclidean or cosine."""
     normalize = torch.nn.functional.normalize
     return pairwise_distance(normalize(qf.float(), dim=1), normalize(gf.float(), dim=1), metric)
+
+
+def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, prepared: Path,
+               **options) -> dict:
+    """evaluate_rank on a split's features; a split the protocol leaves nothing to rank in is named."""
+    try:
+        return evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
+                             **options)
+    except ValueError as err:
+        raise UserError(f"split '{split}' of {prepared}: {err}") from err

@@ -12,7 +12,8 @@ import torchvision
 from torch import Tensor, nn
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
-from utils import PART_FILES, UserError, load_torch, read_json, resolve_device
+from resultdir import ResultDir
+from utils import UserError, load_torch, resolve_device
 
 
 class PretrainedWeightsError(UserError, RuntimeError):
@@ -252,6 +253,29 @@ def build_backbone(name: str, pretrained: str | Path | None = None, last_stride:
 
 AE_NAMES = ("none", "ae", "vae", "sae", "dae")
 LOGVAR_LIMIT = 10.0
+# The loss terms whose inputs an autoencoder produces: a decoder's reconstruction, a VAE's μ and log-variance, a
+# sparse code. The other terms need only the embedding and the heads (triplet, id, bce) or the views.
+AUTOENCODER_TERMS = {"none": (), "ae": ("reconstruction",), "vae": ("kl", "reconstruction"),
+                     "sae": ("sparsity", "reconstruction"), "dae": ("reconstruction",)}
+
+
+def produced_terms(ae_name: str, recon_target: str = "feature", views: bool = False,
+                   augmix: bool = False) -> frozenset[str]:
+    """The loss terms a model produces inputs for, in every placement: the embedding's and heads' terms, its
+    autoencoder's, reconstruction with an image decoder, and the views' consistency terms (JS with AugMix only)."""
+    terms = {"triplet", "id", "bce", *AUTOENCODER_TERMS[ae_name]}
+    if recon_target == "image":
+        terms.add("reconstruction")
+    if views or augmix:
+        terms.add("consistency")
+    if augmix:
+        terms.add("js")
+    return frozenset(terms)
+
+
+def term_autoencoders(term: str) -> tuple[str, ...]:
+    """The autoencoders that produce `term`'s inputs themselves (every one for a term of the embedding or views)."""
+    return tuple(name for name in AE_NAMES if term in produced_terms(name, views=True, augmix=True))
 
 
 def _outputs(z: Tensor, latent: Tensor, recon: Tensor | None, mu: Tensor | None = None,
@@ -597,15 +621,9 @@ def trained_settings(flags: dict, files: dict[str, str], num_classes: int | None
             "placement": flags.get("ae_placement") or "series"}
 
 
-def result_settings(result_dir: str | Path) -> dict:
+def result_settings(result: ResultDir) -> dict:
     """trained_settings of a result directory of train.py: its config.json and part files."""
-    folder = Path(result_dir)
-    config = read_json(folder / "config.json")
-    files = {part: folder / name for part, name in PART_FILES.items() if (folder / name).is_file()}
-    for part in ("backbone", "ae"):
-        if part not in files:
-            raise UserError(f"{folder}: no {PART_FILES[part]} (expected a result directory of train.py)")
-    return trained_settings(config["flags"], files, config.get("num_classes"))
+    return trained_settings(result.flags, result.model_parts(), result.config.get("num_classes"))
 
 
 def classifier_classes(state: dict | None) -> int | None:
@@ -645,4 +663,4 @@ def build_trained(settings: dict, device: str | torch.device = "cpu") -> ReIDMod
 
 def load_trained(result_dir: str | Path, device: str | torch.device = "cpu") -> ReIDModel:
     """The trained model of a result directory in eval mode: parts, flags and image size from the directory."""
-    return build_trained(result_settings(result_dir), device)
+    return build_trained(result_settings(ResultDir(result_dir)), device)

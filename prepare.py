@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from datasets import (
+from datasets import manifest_path, records_to_rows, seed_split, split_validation_ids
+from layouts import (
     CUHK03_SUBSETS,
     FORMATS,
     MARKET_FOLDERS,
@@ -29,11 +30,7 @@ from datasets import (
     find_unreadable,
     load_dataset,
     looks_complete,
-    manifest_path,
-    records_to_rows,
-    seed_split,
     split_counts,
-    split_validation_ids,
     without_labels,
 )
 from synthetic import PRESETS, SyntheticConfig, preset_config, write_synthetic

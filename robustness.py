@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from datasets import CorruptionSettings
-from features import EvaluationInputs, corruption_settings, rank_split, ranking_distances, split_features
+from corruptions import CorruptionSettings
+from eval_inputs import EvaluationInputs, corruption_settings, ranking_distances, split_features
+from metrics import rank_split
 from utils import LOG, atomic_write_bytes, save_figure, write_json
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from datasets import DISTRACTOR_PID, JUNK_PID, MARKET_FOLDERS
+from layouts import DISTRACTOR_PID, JUNK_PID, MARKET_FOLDERS
 from utils import UserError, atomic_write_bytes
 
 PALETTE = np.array(

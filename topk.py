@@ -27,10 +27,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-import features
+import eval_inputs
 import gallery
-from datasets import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupted_image, corruption_draw, load_image
-from metrics import protocol_masks
+from corruptions import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupted_image, corruption_draw
+from datasets import load_image
+from metrics import protocol_masks, rank_split
 from model import ReIDModel, build_trained
 from utils import (
     LOG,
@@ -171,7 +172,7 @@ def write_tables(out: Path, rows: Sequence[dict], fieldnames: Sequence[str], tit
 def build_parser() -> argparse.ArgumentParser:
     """topk.py's flags: eval.py's model and data flags plus what to show."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    features.add_model_flags(parser)
+    eval_inputs.add_model_flags(parser)
     parser.add_argument("--k", type=int, default=10, help="gallery images a query")
     parser.add_argument("--queries", nargs="+",
                         help="query file names, random:N, or worst:N (the N lowest-AP queries; default random:8); "
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """topk.py's flags: eval.py's model and data flags plus what to show; `--flag_name` works too."""
     parser = build_parser()
-    args = features.parse_model_args(parser, argv)
+    args = eval_inputs.parse_model_args(parser, argv)
     if args.corrupt_grid:
         parser.error("--corrupt-grid: eval.py's (topk.py shows one setting: give --corrupt and --severity)")
     if args.k < 1:
@@ -209,13 +210,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ranking(inputs: features.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
+def ranking(inputs: eval_inputs.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
     """Query × gallery distances to rank by: eval.py's, or 1 − the Siamese head's probability."""
     if args.score == "distance":
         return inputs.distances
     if "classifier" not in inputs.settings["files"]:
         raise UserError("--score verifier: needs the Siamese head (classifier.pt in --all-dir, or --classifier_dir)")
-    plain = features.unaugmented_features(inputs, args, cache_dir, args.corruption)
+    plain = eval_inputs.unaugmented_features(inputs, args, cache_dir, args.corruption)
     return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
 
 
@@ -233,12 +234,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def split_topk(args: argparse.Namespace) -> dict:
     """Grids, ranks.csv and index.html for queries of a prepared split, ranked as eval.py ranks."""
-    out = args.out if args.out is not None else features.result_folder(args, "topk")
-    cache_dir = features.result_folder(args, "eval")  # eval.py's cache: its features are reused when they match
-    inputs = features.prepare_evaluation(args, cache_dir, args.corruption)
+    result_dir = eval_inputs.trained_result(args)
+    out = args.out if args.out is not None else eval_inputs.result_folder(args, result_dir, "topk")
+    # eval.py's cache: its features are reused when they match
+    cache_dir = eval_inputs.result_folder(args, result_dir, "eval")
+    inputs = eval_inputs.prepare_evaluation(args, result_dir, cache_dir, args.corruption)
     found, prepared = inputs.found, inputs.prepared
     distances = ranking(inputs, args, cache_dir)
-    result = features.rank_split(distances, found, args.split, prepared)
+    result = rank_split(distances, found, args.split, prepared)
     chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
     score_name = "distance" if args.score == "distance" else "probability"
     img_size = tuple(inputs.settings["img_size"])
@@ -278,8 +281,8 @@ def split_topk(args: argparse.Namespace) -> dict:
                                          if args.show_removed else "."))
     write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", score_name, "match", "removed"], title,
                  summary, entries)
-    report = config_record(args, model=settings, data=features.data_provenance(args, prepared), mAP=result["mAP"],
-                           rank1=float(result["cmc"][0]), queries=entries)
+    report = config_record(args, model=settings, data=eval_inputs.data_provenance(args, result_dir, prepared),
+                           mAP=result["mAP"], rank1=float(result["cmc"][0]), queries=entries)
     write_json(out / "topk.json", report)
     LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
     return report
@@ -335,9 +338,10 @@ def folder_grid(query: dict, side: dict, q: int, top_i: np.ndarray, top_d: np.nd
 
 def folder_topk(args: argparse.Namespace) -> dict:
     """Search --gallery with --queries: grids, ranks.csv, index.html and topk.json; the gallery is cached."""
-    settings = features.model_settings(args)
+    result_dir = eval_inputs.trained_result(args)
+    settings = eval_inputs.model_settings(args, result_dir)
     model = build_trained(settings, resolve_device(args.device))
-    out = args.out if args.out is not None else features.result_folder(args, "search")
+    out = args.out if args.out is not None else eval_inputs.result_folder(args, result_dir, "search")
     gallery_files = gallery.list_images([args.gallery], "--gallery")
     folder_name = hashlib.sha256(str(args.gallery.resolve()).encode()).hexdigest()[:12]
     side = folder_side(model, settings, gallery_files, args,

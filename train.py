@@ -25,11 +25,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-import features
+import embedding
 import metrics
 from dashboard import Dashboard
 from datasets import (
-    ImageRecord,
     PKSampler,
     build_transforms,
     dataset_identity,
@@ -41,9 +40,11 @@ from datasets import (
 from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from degradations import to_pixels
 from globalbatch import batch_record, has_sync_batch_norm, sync_batch_norm
+from layouts import ImageRecord
 from losses import BALANCE_MODES, SPARSITY_MODES, LossBalancer, LossWeights
 from model import (
     AE_NAMES,
+    AUTOENCODER_TERMS,
     EMBEDDINGS,
     PLACEMENTS,
     RECON_TARGETS,
@@ -52,13 +53,17 @@ from model import (
     is_resnet,
     load_part_state,
     model_from_settings,
+    produced_terms,
     read_state_dict,
+    term_autoencoders,
     trained_settings,
 )
 from precision import LossScaler, autocast_dtype, has_native_bf16
 from recipes import given_flags, with_recipe
+from resultdir import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, part_file, save_parts
 from trainstep import (
     LossRead,
+    StepOptions,
     TrainStep,
     any_rank,
     apply_gradients,
@@ -67,7 +72,6 @@ from trainstep import (
     rewind_schedule,
 )
 from utils import (
-    CHECKPOINT_FILE,
     LOG,
     AverageMeter,
     UserError,
@@ -75,13 +79,11 @@ from utils import (
     hold_run_lock,
     load_torch,
     normalise_flag_spelling,
-    part_file,
     plot_curves,
     read_json,
     resolve_device,
     run_script,
     save_image,
-    save_parts,
     save_torch,
     seed_everything,
     setup_logging,
@@ -91,9 +93,6 @@ from utils import (
 )
 
 LOSS_TERMS = ("triplet", "id", "kl", "reconstruction", "sparsity", "bce", "consistency", "js")
-# The autoencoders whose outputs a term needs (the others terms need only the embedding and the heads).
-TERM_AUTOENCODERS = {"kl": ("vae",), "sparsity": ("sae",),
-                     "reconstruction": tuple(name for name in AE_NAMES if name != "none")}
 # Flags that fix the model's shape, the data or the objective; a resumed run must keep them.
 RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "last_stride", "recon_target",
                  "batch_p", "batch_k", "seed", "epochs", "balance", "degraded_views", "degrade_prob", "augmix",
@@ -102,6 +101,8 @@ RESUME_LOCKED = ("data", "backbone_name", "ae_name", "latent_dim", "img_size", "
                  "gradnorm_alpha", "lr", "lr_classifier", "lr_balance", "weight_decay", "scheduler", "milestones",
                  "warmup_epochs", "warmup_factor", "erasing", "lighting")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# checkpoint.pt's format: 2 records it, every rank's generators ("rng"), the loss balancer and every locked flag.
+CHECKPOINT_FORMAT = 2
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
 ABSENT_FLAGS = {"degraded_views": "False", "warmup_factor": "0.1", "augmix": "False", "ae_placement": "series",
                 "consistency": "0.0", "js": "0.0"}
@@ -230,7 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "last_stride" in given and not is_resnet(args.backbone_name):
         parser.error(f"--last-stride: applies to ResNets (torchvision's and timm's); {args.backbone_name} is not one")
     if args.sparsity is None:
-        args.sparsity = 1e-3 if args.ae_name == "sae" else 0.0
+        args.sparsity = 1e-3 if "sparsity" in AUTOENCODER_TERMS[args.ae_name] else 0.0
     check_views(parser, args, given)
     try:
         check_model_choices(args.ae_name, args.recon_target, args.embedding, args.ae_placement)
@@ -282,7 +283,8 @@ def check_batch_and_schedule(parser: argparse.ArgumentParser, args: argparse.Nam
 
 def check_loss_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
     """A loss weight given explicitly for a term the chosen autoencoder does not produce is an error."""
-    for name, autoencoders in TERM_AUTOENCODERS.items():
+    for name in LOSS_TERMS:
+        autoencoders = term_autoencoders(name)
         if name in given and getattr(args, name) > 0 and args.ae_name not in autoencoders:
             parser.error(f"--{name} {getattr(args, name):g}: --ae-name {args.ae_name} has no {name} term (it comes "
                          f"with {', '.join(autoencoders)}); leave the flag out or set it to 0")
@@ -307,6 +309,14 @@ def check_views(parser: argparse.ArgumentParser, args: argparse.Namespace, given
         parser.error(f"--ae-placement {args.ae_placement}: places an autoencoder; --ae-name none has none")
 
 
+def step_options(args: argparse.Namespace, steps_per_epoch: int = 1) -> StepOptions:
+    """The training step's options from the flags, --kl-warmup's epochs as steps."""
+    return StepOptions(margin=args.margin, label_smoothing=args.label_smoothing, sparsity_target=args.sparsity_target,
+                       sparsity_mode=args.sparsity_mode, batch_k=args.batch_k, degraded_views=args.degraded_views,
+                       degrade_prob=args.degrade_prob, augmix=args.augmix, seed=args.seed,
+                       kl_warmup_steps=round(args.kl_warmup * steps_per_epoch), beta=args.beta)
+
+
 def loss_weights(args: argparse.Namespace) -> LossWeights:
     """The weight flags as a LossWeights."""
     return LossWeights(**{name: getattr(args, name) for name in LOSS_TERMS})
@@ -315,11 +325,8 @@ def loss_weights(args: argparse.Namespace) -> LossWeights:
 def active_terms(weights: LossWeights, ae_name: str, recon_target: str, views: bool = False,
                  augmix: bool = False) -> dict[str, float]:
     """The terms total_loss computes for this model, with their weight flags: weighted above 0 and produced by it."""
-    produced = {"kl": ae_name == "vae", "sparsity": ae_name == "sae",
-                "reconstruction": ae_name != "none" or recon_target == "image", "consistency": views or augmix,
-                "js": augmix}
-    return {name: getattr(weights, name) for name in LOSS_TERMS
-            if getattr(weights, name) > 0 and produced.get(name, True)}
+    produced = produced_terms(ae_name, recon_target, views, augmix)
+    return {name: getattr(weights, name) for name in LOSS_TERMS if getattr(weights, name) > 0 and name in produced}
 
 
 def build_balancer(args: argparse.Namespace, weights: LossWeights) -> LossBalancer:
@@ -404,11 +411,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, mi
 
 def validate(model: ReIDModel, loader: Iterable, num_query: int, prepared: Path) -> dict[str, float]:
     """mAP, mINP and Rank-1/5 on the validation split, by metrics.py's protocol code."""
-    embeddings, pids, camids = features.extract_features(model, loader, progress=False)
+    embeddings, pids, camids = embedding.extract_features(model, loader, progress=False)
     distances = metrics.embedding_distance(embeddings[:num_query], embeddings[num_query:]).numpy()
     labels = {"q_pids": pids[:num_query], "g_pids": pids[num_query:], "q_camids": camids[:num_query],
               "g_camids": camids[num_query:]}
-    result = features.rank_split(distances, labels, "val", prepared)
+    result = metrics.rank_split(distances, labels, "val", prepared)
     return {"val_mAP": float(result["mAP"]), "val_mINP": float(result["mINP"]),
             "val_rank1": float(result["cmc"][0]), "val_rank5": float(result["cmc"][min(4, len(result["cmc"]) - 1)])}
 
@@ -421,7 +428,8 @@ def checkpoint_state(run: Run, epoch: int, batch: int, rng: list[dict]) -> dict:
             **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
             "epoch": epoch, "batch": batch, "step": run.step, "history": run.history, "best": run.best,
             "meters": {name: [m.total, m.count] for name, m in (run.meters if batch else {}).items()},
-            "flags": {k: str(getattr(run.args, k)) for k in (*RESUME_LOCKED, "loader")}, "rng": rng}
+            "flags": {k: str(getattr(run.args, k)) for k in (*RESUME_LOCKED, "loader")}, "rng": rng,
+            "format": CHECKPOINT_FORMAT}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -438,15 +446,8 @@ def gathered_rng_states(device: torch.device, world: int) -> list[dict]:
     return states
 
 
-def restore_rng(state: dict, rank: int, world: int, device: torch.device) -> None:
-    """This rank's generators as the checkpoint saved them (a checkpoint of another world size: the last rank's;
-    an older checkpoint's rank-0 view for every rank, as those were restored)."""
-    if "rng" in state:
-        saved = state["rng"]
-    else:
-        devices = state["rng_cuda"]
-        cuda = devices[device.index or 0] if device.type == "cuda" and len(devices) > (device.index or 0) else None
-        saved = [{"cpu": state["rng_cpu"], "cuda": cuda}] * world
+def restore_rng(saved: list[dict], rank: int, world: int, device: torch.device) -> None:
+    """This rank's generators as the checkpoint saved them (a checkpoint of another world size: the last rank's)."""
     if len(saved) != world:
         LOG.warning("--resume: the run was saved by %d processes and continues in %d on the same global batch (the "
                     "sampler, augmentation, degraded views and Siamese pairs draw it whatever their number); the "
@@ -463,22 +464,30 @@ def locked_value(name: str, value: str) -> str:
     return str(Path(value).absolute()) if name == "data" else value
 
 
-def saved_flags(state: dict, config_path: Path) -> dict[str, str]:
-    """The locked flags a checkpoint's run was started with: as the checkpoint records them; a flag an older
-    checkpoint does not record, as the run's config.json does; one neither records, at the value runs had before the
-    flag existed (today's default, or ABSENT_FLAGS')."""
+def upgrade_checkpoint(state: dict, config_path: Path, world: int, device: torch.device,
+                       balancer_state: dict) -> dict:
+    """Any checkpoint train.py has written, in CHECKPOINT_FORMAT: a locked flag it does not record as the run's
+    config.json does, else at the value runs had before the flag existed (today's default, or ABSENT_FLAGS'); a
+    format-1 checkpoint's generators (rank 0's) for every rank; a balancer from before the balancing, untrained."""
     recorded = read_json(config_path).get("flags", {}) if config_path.is_file() else {}
     defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
-    return {k: state["flags"][k] if k in state["flags"] else str(recorded[k]) if k in recorded else defaults[k]
-            for k in RESUME_LOCKED}
+    flags = {k: str(recorded[k]) if k in recorded else defaults[k] for k in RESUME_LOCKED} | state["flags"]
+    rng = state.get("rng")
+    if rng is None:
+        devices = state["rng_cuda"]
+        cuda = devices[device.index or 0] if device.type == "cuda" and len(devices) > (device.index or 0) else None
+        rng = [{"cpu": state["rng_cpu"], "cuda": cuda}] * world
+    return {**state, "flags": flags, "rng": rng, "balancer": state.get("balancer", balancer_state),
+            "format": CHECKPOINT_FORMAT}
 
 
 def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
     """Load a checkpoint into the run's model, loss weights, optimiser, scheduler and this rank's generators; refuse
-    one made with other model, data or training flags (saved_flags)."""
+    one made with other model, data or training flags (upgrade_checkpoint fills those an older one lacks)."""
     args, model, balancer, optimizer, scheduler = run.args, run.model, run.balancer, run.optimizer, run.scheduler
-    state = load_torch(path)
-    saved = saved_flags(state, path.parent / "config.json")
+    state = upgrade_checkpoint(load_torch(path), path.parent / CONFIG_FILE, run.world, run.device,
+                               balancer.state_dict())
+    saved = state["flags"]
     if state["flags"].get("loader", args.loader) != args.loader:
         LOG.warning("--resume: the run trained with --loader %s and continues with %s; its batches are augmented "
                     "by another stream from here", state["flags"]["loader"], args.loader)
@@ -488,8 +497,7 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")
     try:
         model.load_state_dict(state["model"])
-        if "balancer" in state:
-            balancer.load_state_dict(state["balancer"])
+        balancer.load_state_dict(state["balancer"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as err:
         detail = " ".join(line.strip() for line in str(err).splitlines())[:300]
@@ -497,7 +505,7 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
-    restore_rng(state, rank, run.world, run.device)
+    restore_rng(state["rng"], rank, run.world, run.device)
     return state
 
 
@@ -684,7 +692,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     milestone_steps = [round(m * steps_per_epoch) for m in args.milestones]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps, warmup, args.scheduler, milestone_steps, args.warmup_factor))
-    train_step = TrainStep(model, weights, balancer, args, steps_per_epoch)
+    train_step = TrainStep(model, weights, balancer, step_options(args, steps_per_epoch))
     run = Run(args, device, world, writer, result_dir, records, model, precision, sampler, loader, val_loader,
               val_records, len(val_query), balancer, optimizer, scaler, scheduler,
               train_step, build_step_module(train_step, args, world, device), steps_per_epoch, lock=lock)
@@ -703,7 +711,7 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
     """config.json, the run's opening line in the log, and on a fresh run the untrained model's validation."""
     args, model = run.args, run.model
     run.result_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run.result_dir / "config.json", config_record(
+    write_json(run.result_dir / CONFIG_FILE, config_record(
         args, num_classes=num_classes, train_images=len(run.records), world_size=run.world, device=str(run.device),
         manifests=manifest_hashes(Path(args.data)), dataset=dataset_identity(args.data), loss_weights=vars(weights),
         global_batch=batch_record(args.batch_p, args.batch_k, run.world, has_sync_batch_norm(model)),
@@ -711,7 +719,7 @@ def write_run_config(run: Run, num_classes: int, weights: LossWeights) -> None:
         feat_dim=model.feat_dim, embed_dim=model.embed_dim, precision=precision_name(run.precision)))
     LOG.info("%s + %s, %d identities, %d images, %d steps an epoch on %s in %s (world %d); config in %s",
              args.backbone_name, args.ae_name, num_classes, len(run.records), run.steps_per_epoch, run.device,
-             precision_name(run.precision), run.world, run.result_dir / "config.json")
+             precision_name(run.precision), run.world, run.result_dir / CONFIG_FILE)
     if not args.resume and run.val_loader is not None:
         model.eval()
         untrained = validate(model, run.val_loader, run.num_query, args.data)
@@ -821,7 +829,7 @@ def end_epoch(run: Run, epoch: int) -> None:
         if run.val_loader is None or row.get("val_mAP", -1.0) > run.best["val_mAP"]:  # without validation, the last
             run.best = {"epoch": epoch, "val_mAP": row.get("val_mAP", -1.0), "val_rank1": row.get("val_rank1")}
             save_parts(model.parts(), run.result_dir)
-        write_jsonl(run.result_dir / "metrics.jsonl", run.history)
+        write_jsonl(run.result_dir / METRICS_FILE, run.history)
         if run.dashboard is not None:
             run.dashboard.epoch(row, run.images_seen)
         if args.recon_target == "image":
@@ -887,7 +895,7 @@ def finish(model: nn.Module, history: list[dict], best: dict, result_dir: Path, 
         dist.all_gather_object(checksums, parameter_checksum(model))
         summary["rank_checksums"] = checksums
     if writer:
-        write_json(result_dir / "summary.json", summary)
+        write_json(result_dir / SUMMARY_FILE, summary)
     return summary
 
 

@@ -8,7 +8,6 @@ that read stops the run, so the parameters it leaves are the last good ones. Und
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,6 +45,29 @@ def step_generator(seed: int, stream: int, step: int, device: torch.device) -> t
     return torch.Generator(device=device).manual_seed(step_seed(seed, stream, step))
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """What a training step needs beyond the model and the loss weights: the loss options, the batch's images an
+    identity, the views and their draws' seed, and the KL's β schedule in steps."""
+
+    margin: float = 0.3
+    label_smoothing: float = 0.1
+    sparsity_target: float = 0.05
+    sparsity_mode: str = "kl"
+    batch_k: int = 4
+    degraded_views: bool = False
+    degrade_prob: float = 0.5
+    augmix: bool = False
+    seed: int = 0
+    kl_warmup_steps: int = 0
+    beta: float = 1.0
+
+    def loss_options(self) -> dict:
+        """total_loss's keyword options."""
+        return {"margin": self.margin, "label_smoothing": self.label_smoothing,
+                "sparsity_target": self.sparsity_target, "sparsity_mode": self.sparsity_mode}
+
+
 class TrainStep(nn.Module):
     """Forward and losses in one module, so DistributedDataParallel sees every parameter the losses use.
 
@@ -54,19 +76,17 @@ class TrainStep(nn.Module):
     fixes the KL's β (--kl-warmup, --beta), the views' draws (--degraded-views, --degrade-prob, --augmix) and the
     Siamese head's random negatives, each drawn for the global batch whatever the number of ranks."""
 
-    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, args: argparse.Namespace,
-                 steps_per_epoch: int = 1):
+    def __init__(self, model: ReIDModel, weights: LossWeights, balancer: LossBalancer, options: StepOptions):
         super().__init__()
         self.model, self.weights, self.balancer = model, weights, balancer
-        self.options = {"margin": args.margin, "label_smoothing": args.label_smoothing,
-                        "sparsity_target": args.sparsity_target, "sparsity_mode": args.sparsity_mode}
-        self.batch_k = args.batch_k
-        self.degraded_views, self.degrade_prob, self.seed = args.degraded_views, args.degrade_prob, args.seed
-        self.augmix = args.augmix
+        self.options = options.loss_options()
+        self.batch_k = options.batch_k
+        self.degraded_views, self.degrade_prob, self.seed = options.degraded_views, options.degrade_prob, options.seed
+        self.augmix = options.augmix
         # The clean view goes through the backbone only for what is made from it: a reconstruction target or the
         # consistency term's feature.
         self.needs_clean = model.ae_name != "none" or model.recon_target == "image" or weights.consistency > 0
-        self.kl_warmup_steps, self.beta = round(args.kl_warmup * steps_per_epoch), args.beta
+        self.kl_warmup_steps, self.beta = options.kl_warmup_steps, options.beta
         # β at this step on the device, shared with the balancer: a compiled step reads the tensor, so a new step
         # neither recompiles it nor changes its CUDA graph.
         self.register_buffer("kl_scale", torch.ones((), device=next(model.parameters()).device), persistent=False)

@@ -182,11 +182,9 @@ def device_constant(values: tuple[float, ...], device: Any, dtype: Any = None) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: one state dict a part, and the full training state
+# Checkpoints: torch files written atomically and read safely
 # ---------------------------------------------------------------------------------------------------------
 
-PART_FILES = {"backbone": "backbone.pt", "ae": "ae.pt", "classifier": "classifier.pt"}
-CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = ".lock"  # a running train.py's process id; locked while it runs
 
 
@@ -212,22 +210,6 @@ def load_torch(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from err
-
-
-def part_file(path: str | Path, part: str, flag: str) -> Path:
-    """The state-dict file of a part: `path` itself, or the part's file inside the folder `path`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PART_FILES[part]
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: no {part} weights there (expected a file or a folder with {PART_FILES[part]})")
-    return path
-
-
-def save_parts(parts: dict, folder: str | Path) -> None:
-    """Write each part's state dict to its own file in `folder`."""
-    for part, module in parts.items():
-        save_torch(module.state_dict(), Path(folder) / PART_FILES[part])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,21 +20,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import features  # noqa: E402
-from corruptions import CORRUPTIONS, SEVERITIES, corrupt  # noqa: E402
-from datasets import CorruptionSettings, load_eval_records, load_image  # noqa: E402
+import eval_inputs  # noqa: E402
+from corruptions import CORRUPTIONS, SEVERITIES, CorruptionSettings, corrupt  # noqa: E402
+from datasets import load_eval_records, load_image  # noqa: E402
+from metrics import rank_split  # noqa: E402
 from model import build_trained  # noqa: E402
 from utils import resolve_device  # noqa: E402
 
 
-def timed_evaluation(inputs: features.EvaluationInputs, args: argparse.Namespace,
+def timed_evaluation(inputs: eval_inputs.EvaluationInputs, args: argparse.Namespace,
                      corruption: CorruptionSettings | None) -> tuple[float, float]:
     """Seconds to extract and rank the split (clean or corrupted), and the mAP."""
     start = time.perf_counter()
-    found = features.split_features(inputs.model, inputs.settings, inputs.prepared, args.split, False, None,
+    found = eval_inputs.split_features(inputs.model, inputs.settings, inputs.prepared, args.split, False, None,
                                     args.batch_size, args.workers, corruption)
-    distances = features.ranking_distances(found, args, inputs.device)
-    result = features.rank_split(distances, found, args.split, inputs.prepared)
+    distances = eval_inputs.ranking_distances(found, args, inputs.device)
+    result = rank_split(distances, found, args.split, inputs.prepared)
     return time.perf_counter() - start, float(result["mAP"])
 
 
@@ -54,14 +55,15 @@ def per_corruption_ms(prepared: Path, split: str, count: int) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    features.add_model_flags(parser)
+    eval_inputs.add_model_flags(parser)
     parser.add_argument("--images", type=int, default=8, help="images for the per-corruption times")
-    args = features.parse_model_args(parser, None)
+    args = eval_inputs.parse_model_args(parser, None)
     corruption = args.corruption or CorruptionSettings(seed=args.corrupt_seed)
-    settings = features.model_settings(args)
-    prepared, device = features.dataset_root(args), resolve_device(args.device)
+    result_dir = eval_inputs.trained_result(args)
+    settings = eval_inputs.model_settings(args, result_dir)
+    prepared, device = eval_inputs.dataset_root(args, result_dir), resolve_device(args.device)
     model = build_trained(settings, device)
-    inputs = features.EvaluationInputs(settings, prepared, model, device, {}, np.empty(0))
+    inputs = eval_inputs.EvaluationInputs(settings, prepared, model, device, {}, np.empty(0))
     with torch.no_grad():  # warm-up: the first batches run slow on CPU
         model.embed(torch.zeros(args.batch_size, 3, *settings["img_size"], device=device))
     clean_s, clean_map = timed_evaluation(inputs, args, None)

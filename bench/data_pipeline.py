@@ -35,15 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import (  # noqa: E402
-    PKSampler,
-    ReIDDataset,
-    build_transforms,
-    load_image,
-    load_market,
-    train_loader,
-)
+from datasets import PKSampler, ReIDDataset, build_transforms, load_image, train_loader  # noqa: E402
 from decoded import DecodedTrainLoader, decode_records  # noqa: E402
+from layouts import load_market  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
 from synthetic import PRESETS, preset_config, write_synthetic  # noqa: E402
 from utils import rotated, write_json  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
-from features import dataset_root, model_settings, rank_split, ranking_distances, split_features  # noqa: E402
+from eval_inputs import dataset_root, model_settings, ranking_distances, split_features, trained_result  # noqa: E402
+from metrics import rank_split  # noqa: E402
 from model import build_trained  # noqa: E402
 from utils import resolve_device, run_script, setup_logging, versions  # noqa: E402
 
@@ -45,7 +46,9 @@ def timed(call: Callable[[], T], device: torch.device) -> tuple[T, float]:
 
 def measure(args: argparse.Namespace, passes: int) -> dict:
     """Embedding passes, then plain and re-ranked ranking, on the flags' model, split and device."""
-    settings, prepared, device = model_settings(args), dataset_root(args), resolve_device(args.device)
+    result_dir = trained_result(args)
+    settings, prepared = model_settings(args, result_dir), dataset_root(args, result_dir)
+    device = resolve_device(args.device)
     model = build_trained(settings, device)
     embeds = []
     for _ in range(passes):

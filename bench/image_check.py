@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare  # noqa: E402
-from datasets import find_dataset, find_unreadable, load_parts  # noqa: E402
+from layouts import find_dataset, find_unreadable, load_parts  # noqa: E402
 from utils import write_json  # noqa: E402
 
 

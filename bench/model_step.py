@@ -228,7 +228,8 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
 
     def build(step_model: ReIDModel) -> tuple[TrainStep, torch.optim.Optimizer]:
         balancer = train.build_balancer(targs, weights).to(device)
-        return TrainStep(step_model, weights, balancer, targs), train.build_optimizer(step_model, targs, balancer)
+        step = TrainStep(step_model, weights, balancer, train.step_options(targs))
+        return step, train.build_optimizer(step_model, targs, balancer)
 
     ours_module, ours_optimizer = build(model)
     shared = train.shared_layer(model)

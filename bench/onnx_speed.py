@@ -35,7 +35,8 @@ def fastest_round(step: Callable[[], object], steps: int) -> tuple[float, float]
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--all-dir", type=Path, help="a result directory (default: a fresh --backbone + --ae)")
+    parser.add_argument("--result-dir", "--all-dir", dest="all_dir", type=Path,
+                        help="a result directory (default: a fresh --backbone + --ae)")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--ae", default="vae")
     parser.add_argument("--img-size", type=int, nargs=2, default=[256, 128])

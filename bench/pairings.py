@@ -11,8 +11,8 @@ A row is an autoencoder of --aes or a --variant NAME=FLAGS (train.py flags of it
 --seeds seeds (the first seed, then the next ones), shown as mean ± sample standard deviation, and a difference
 smaller than twice the larger of the two spreads is a tie. A run with results is not re-run; an interrupted
 one resumes from its checkpoint. Each run's result directory is OUT/<backbone>_<row> for the first seed and
-OUT/<backbone>_<row>_seed<S> for seed S, evaluated by eval.py into its eval/ folder, with eval.py's
-`--corrupt all` when eval.py has that flag (else the corrupted columns read n/a).
+OUT/<backbone>_<row>_seed<S> for seed S, evaluated by eval.py into its eval/ folder, clean and with
+`--corrupt all`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import eval as evaluation  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 from model import AE_NAMES  # noqa: E402
+from resultdir import ResultDir  # noqa: E402
 from utils import (  # noqa: E402
-    CHECKPOINT_FILE,
     LOG,
     UserError,
     atomic_write_bytes,
@@ -191,35 +191,26 @@ def train_flags(run: Path, backbone: str, row_flags: list[str], seed: int, budge
              "--epochs", str(budget["epochs"]), "--img-size", *map(str, budget["img_size"]),
              "--latent-dim", str(budget["latent_dim"]), "--seed", str(seed), "--workers", str(workers),
              "--quiet", "--no-degraded-views", *budget["train_flags"], *row_flags]
-    return [*flags, "--resume"] if (run / CHECKPOINT_FILE).is_file() else flags
+    return [*flags, "--resume"] if ResultDir(run).checkpoint_path.is_file() else flags
 
 
-def eval_supports_corruption() -> bool:
-    """Whether eval.py takes --corrupt (the robustness protocol), read off its --help."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        evaluation.parse_args(["--help"])
-    return "--corrupt" in text.getvalue()
-
-
-def run_pairing(out: Path, backbone: str, row: tuple[str, list[str]], seed: int, budget: dict, workers: int,
-                corrupt: bool) -> dict:
+def run_pairing(out: Path, backbone: str, row: tuple[str, list[str]], seed: int, budget: dict, workers: int) -> dict:
     """Train (or resume) and evaluate one run unless its results exist (evaluate again when corrupted figures
-    are missing and eval.py can give them); return its figures."""
+    are missing); return its figures."""
     name, row_flags = row
     run = run_dir(out, backbone, name, seed, budget["seed"])
     results = run / "eval" / "results.json"
-    if results.is_file() and (not corrupt or "corrupted" in read_json(results)):
+    if results.is_file() and "corrupted" in read_json(results):
         LOG.info("%s + %s, seed %d: done already, results in %s", backbone, name, seed, results)
     else:
-        if not (run / "summary.json").is_file():
+        if not ResultDir(run).summary_path.is_file():
             LOG.info("%s + %s, seed %d: training into %s", backbone, name, seed, run)
             summary = train.main(train_flags(run, backbone, row_flags, seed, budget, workers))
             if "stopped_at_step" in summary:
                 raise GridStopped(f"{backbone} + {name}: training stopped at step {summary['stopped_at_step']}; "
                                   "run again to resume")
         evaluation.main(["--all-dir", str(run), "--split", budget["split"], "--out", str(run / "eval"),
-                         "--workers", str(workers), *(CORRUPT_FLAGS if corrupt else [])])
+                         "--workers", str(workers), *CORRUPT_FLAGS])
     return {"seed": seed, **run_figures(run)}
 
 
@@ -237,7 +228,8 @@ def corrupted_figures(report: dict) -> dict:
 def run_figures(run: Path) -> dict:
     """One run's figures, read from its result directory."""
     report = read_json(run / "eval" / "results.json")
-    summary, config = read_json(run / "summary.json"), read_json(run / "config.json")
+    result = ResultDir(run)
+    summary, config = read_json(result.summary_path), result.config
     return {**{k: report[k] for k in COLUMNS if k in report}, **corrupted_figures(report),
             "train_s": summary["seconds"], "parameters": sum(config["parameters"].values()),
             "embed_dim": config["embed_dim"], "best_val_mAP": summary["best_val_mAP"],
@@ -337,7 +329,7 @@ def table_markdown(rows: list[dict], budget: dict, command: str) -> str:
                      f"| {figures} | {len(r['seeds'])} | {r['train_s']:.0f} s | {r['parameters'] / 1e6:.1f} M | "
                      f"{r['embed_dim']} |")
     lines += ["", "mAP, mINP and Rank-k in %, by eval.py's Market-1501 protocol; corrupted: eval.py --corrupt all "
-              "(n/a where eval.py has no --corrupt). With several seeds a figure is mean ± sample standard deviation "
+              "(n/a where a run lacks them). With several seeds a figure is mean ± sample standard deviation "
               f"(seeds per row: {', '.join(map(str, seeds))}), and a difference smaller than twice the larger spread "
               "is a tie (bold: the best mAP and the rows tied with it). Δ vs none: points against the `none` row "
               "trained on the same views (clean, degraded or AugMix). Train time is the mean last training "
@@ -407,12 +399,12 @@ def write_outputs(out: Path, rows: list[dict], names: list[str], backbones: list
 
 
 def run_row(args: argparse.Namespace, backbone: str, row: tuple[str, list[str]], budget: dict,
-            corrupt: bool, report) -> dict:
+            report) -> dict:
     """Every seed of one row (a failure is recorded, not raised); `report` gets the row after each seed."""
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
         try:
-            runs.append(run_pairing(args.out, backbone, row, seed, budget, args.workers, corrupt))
+            runs.append(run_pairing(args.out, backbone, row, seed, budget, args.workers))
         except (UserError, ValueError, RuntimeError) as err:  # one failure does not stop the grid
             LOG.error("%s + %s, seed %d failed: %s", backbone, row[0], seed, err)
             runs.append({"seed": seed, "error": str(err).splitlines()[0]})
@@ -432,15 +424,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     check_budget(args.out, budget)
     check_rows(args.out, args.rows)
     command = "python bench/pairings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    corrupt = eval_supports_corruption()
-    if not corrupt:
-        LOG.info("eval.py has no --corrupt: the corrupted columns read n/a")
     names = [name for name, _ in args.rows]
     rows: list[dict] = []
     started = time.time()
     for backbone in args.backbones:
         for row in args.rows:
-            rows.append(run_row(args, backbone, row, budget, corrupt, lambda partial: write_outputs(
+            rows.append(run_row(args, backbone, row, budget, lambda partial: write_outputs(
                 args.out, [*rows, partial], names, args.backbones, budget, command)))
     done = [r for r in rows if "mAP" in r]
     if done:

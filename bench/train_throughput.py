@@ -172,7 +172,8 @@ def our_step(args, train_args, num_classes: int, batches: Callable[[], tuple[tor
     optimizer = train.build_optimizer(model, train_args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(
         s, 10**6, 0, train_args.scheduler, [], 1.0))
-    step_module = train.build_step_module(TrainStep(model, weights, balancer, train_args), train_args, 1, device)
+    train_step = TrainStep(model, weights, balancer, train.step_options(train_args))
+    step_module = train.build_step_module(train_step, train_args, 1, device)
     shared = train.shared_layer(model)
     queued: list[LossRead] = []
 

@@ -51,7 +51,7 @@ def main(out: Path, mode: str, flags: list[str]) -> None:
     balancer = train.build_balancer(args, weights).to(device)
     optimizer = train.build_optimizer(model, args, balancer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = TrainStep(model, weights, balancer, args)
+    step = TrainStep(model, weights, balancer, train.step_options(args))
     if mode == "local":
         step.rank, step.world = 0, 1  # no gather: each rank's losses over its own share, as before the global batch
     step_module = train.build_step_module(step, args, world, device)

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 import eval as evaluation
-import features
+import eval_inputs
 import prepare
-from corruptions import CORRUPTIONS, corrupt
-from datasets import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corruption_draw, load_eval_records, load_image
+from corruptions import CORRUPTIONS, GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupt, corruption_draw
+from datasets import load_eval_records, load_image
+from metrics import rank_split
 from utils import UserError
 
 # Corruptions whose reference parameters are not ordered by distance to the clean image at every step: saturate's
@@ -466,10 +467,10 @@ def test_corrupted_evaluation_of_a_hand_made_case(grey_prepared: Path):
     args = evaluation.parse_args(["--all-dir", "x", "--workers", "0"])
     runs = {}
     for label, corruption, batch in (("clean", None, 4), ("corrupted", settings, 4), ("one by one", settings, 1)):
-        found = features.split_features(GreyAngle(), model_settings, grey_prepared, "test", False, None, batch, 0,
+        found = eval_inputs.split_features(GreyAngle(), model_settings, grey_prepared, "test", False, None, batch, 0,
                                         corruption)
         runs[label] = found
-        result = features.rank_split(features.ranking_distances(found, args), found, "test", grey_prepared)
+        result = rank_split(eval_inputs.ranking_distances(found, args), found, "test", grey_prepared)
         expected = expected_map(*((q_clean, g_clean) if corruption is None else (q_bright, g_bright)), q_pids, g_pids)
         assert result["mAP"] == pytest.approx(expected), label
     assert expected_map(q_clean, g_clean, q_pids, g_pids) == 1.0

@@ -12,15 +12,10 @@ import torch
 from PIL import Image
 
 import datasets
+import layouts
 from conftest import make_market_tree
-from datasets import (
-    ImageRecord,
-    PKSampler,
-    build_transforms,
-    find_dataset,
-    load_market,
-    parse_market_name,
-)
+from datasets import PKSampler, build_transforms
+from layouts import ImageRecord, find_dataset, load_market, parse_market_name
 from utils import UserError
 
 
@@ -53,7 +48,7 @@ def test_junk_and_distractors_leave_training(tmp_path: Path):
 
 
 def test_root_may_be_the_download_folder_holding_market_child(tmp_path: Path):
-    child = make_market_tree(tmp_path / "download" / datasets.MARKET_CHILD)
+    child = make_market_tree(tmp_path / "download" / layouts.MARKET_CHILD)
     assert find_dataset(tmp_path / "download").root == child
     assert find_dataset(tmp_path / "download", "market1501").root == child
 

@@ -10,15 +10,14 @@ import pytest
 from PIL import Image
 
 import prepare
-from datasets import (
+from datasets import load_eval_records, load_train_records
+from layouts import (
     CUHK03_NAME,
     DUKE_NAME,
     MSMT_NAME,
     PUBLISHED,
     count_differences,
     find_dataset,
-    load_eval_records,
-    load_train_records,
     looks_complete,
     parse_name,
 )

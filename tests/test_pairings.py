@@ -192,17 +192,7 @@ def test_a_row_trains_on_clean_batches_unless_it_or_the_budget_asks_for_degraded
     assert degraded(["--ae-name", "none"], ["--degraded-views"])
 
 
-def test_corrupted_columns_come_from_eval_when_it_has_the_flag(monkeypatch: pytest.MonkeyPatch):
-    def help_with(text: str):
-        def parse(argv):
-            print(text)
-            raise SystemExit(0)
-        return parse
-
-    monkeypatch.setattr(pairings.evaluation, "parse_args", help_with("usage: eval.py [--corrupt CORRUPT]"))
-    assert pairings.eval_supports_corruption()
-    monkeypatch.setattr(pairings.evaluation, "parse_args", help_with("usage: eval.py [--flip]"))
-    assert not pairings.eval_supports_corruption()
+def test_corrupted_columns_come_from_results_json():
     report = {"mAP": 0.5, "corrupted": {"all|s=all|seed=0": {"mAP": 0.2, "mINP": 0.05, "rank1": 0.3}}}
     assert pairings.corrupted_figures(report) == {"corrupted_mAP": 0.2, "corrupted_rank1": 0.3}
     assert pairings.corrupted_figures({"mAP": 0.5}) == {}
@@ -225,7 +215,6 @@ def test_more_seeds_and_a_variant_extend_a_grid(grid: tuple[Path, list[dict]], s
         write_json(Path(argv[argv.index("--out") + 1]) / "results.json", report)
         return report
 
-    monkeypatch.setattr(pairings, "eval_supports_corruption", lambda: True)
     monkeypatch.setattr(pairings.evaluation, "main", eval_with_corruption)
     flags = [*GRID[:2], "--aes", "none", "--variant", "none+deg=--ae-name none --degraded-views", *GRID[6:]]
     rows = pairings.main(["--data", str(synthetic_prepared), "--out", str(out), *flags, "--seeds", "2"])

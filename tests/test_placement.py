@@ -177,7 +177,7 @@ def test_a_view_that_is_not_degraded_gives_a_zero_consistency_term():
     args = step_args(**{"--degraded-views": "", "--degrade-prob": "0", "--consistency": "1"})
     model = build("none", "series")
     weights = train.loss_weights(args)
-    step = TrainStep(model, weights, train.build_balancer(args, weights), args).train()
+    step = TrainStep(model, weights, train.build_balancer(args, weights), train.step_options(args)).train()
     _, terms = step(images(4), torch.tensor([0, 0, 1, 1]))
     assert terms["consistency"].item() == pytest.approx(0.0, abs=1e-7)
 
@@ -187,7 +187,7 @@ def test_augmix_trains_on_the_clean_view_and_ties_the_three_by_js():
     assert args.js == train.CIL_JS_WEIGHT and not args.degraded_views
     model = build("none", "series")
     weights = train.loss_weights(args)
-    step = TrainStep(model, weights, train.build_balancer(args, weights), args).train()
+    step = TrainStep(model, weights, train.build_balancer(args, weights), train.step_options(args)).train()
     total, terms = step(images(4), torch.tensor([0, 0, 1, 1]))
     assert set(terms) == {"triplet", "id", "bce", "js"} and terms["js"].item() > 0
     total.backward()

@@ -19,7 +19,7 @@ import eval as evaluation
 import gallery
 import topk
 from datasets import load_image
-from features import embed_images
+from embedding import embed_images
 from model import load_trained
 from utils import UserError
 

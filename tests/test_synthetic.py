@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import load_market
+from layouts import load_market
 from synthetic import (
     HARD_LOOK,
     PALETTE,

@@ -353,7 +353,7 @@ def test_a_training_step_on_a_gpu_queues_without_a_sync(dtype: torch.dtype):
     scaler = LossScaler(device) if dtype == torch.float16 else None
     optimizer = train.build_optimizer(model, args, balancer, scaler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    module = trainstep.TrainStep(model, weights, balancer, args)
+    module = trainstep.TrainStep(model, weights, balancer, train.step_options(args))
     images, labels = torch.randn(8, 3, 64, 32, device=device), torch.arange(4, device=device).repeat_interleave(2)
 
     def step(index: int) -> trainstep.LossRead:
@@ -420,7 +420,7 @@ def test_sparsity_mode_flag_picks_the_penalty():
     for mode in ("kl", "l1"):
         args = train.parse_args(["--ae-name", "sae", "--sparsity-mode", mode, "--no-degraded-views"])
         weights = train.loss_weights(args)
-        step = trainstep.TrainStep(model, weights, train.build_balancer(args, weights), args)
+        step = trainstep.TrainStep(model, weights, train.build_balancer(args, weights), train.step_options(args))
         _, terms = step(images, labels)
         assert terms["sparsity"].item() == pytest.approx(expected[mode].item(), rel=1e-5), mode
 
@@ -647,7 +647,7 @@ def tiny_step(flags: list[str], seed: int = 0) -> trainstep.TrainStep:
     torch.manual_seed(seed)
     model = ReIDModel("resnet18", args.ae_name, 4, latent_dim=16, img_size=(32, 16), embedding=args.embedding)
     weights = train.loss_weights(args)
-    return trainstep.TrainStep(model, weights, train.build_balancer(args, weights), args, steps_per_epoch=4)
+    return trainstep.TrainStep(model, weights, train.build_balancer(args, weights), train.step_options(args, 4))
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -799,7 +799,7 @@ def test_mu_bn_embeds_through_the_neck_and_the_siamese_head_gets_the_code_back()
 
 def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared: Path, tmp_path: Path):
     import eval as evaluation
-    import features
+    import eval_inputs
 
     result = tmp_path / "run"
     train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
@@ -810,7 +810,7 @@ def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared
     assert (flags["degraded_views"], flags["degrade_prob"], flags["kl_warmup"], flags["beta"], flags["embedding"]) \
         == (True, 0.7, 1.0, 2.0, "mu-bn")
     args = evaluation.parse_args(["--all-dir", str(result), "--workers", "0"])
-    settings = features.model_settings(args)
+    settings = eval_inputs.model_settings(args, eval_inputs.trained_result(args))
     assert settings["embedding"] == "mu-bn"
     assert build_trained(settings).embedding == "mu-bn"
     report = evaluation.main(["--all-dir", str(result), "--workers", "0"])

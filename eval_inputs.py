@@ -1,5 +1,5 @@
-"""From a result directory to embeddings: the model from its saved parts and config.json, batched extraction
-with a cache beside the results, and the query × gallery distances that eval.py and topk.py rank by."""
+"""What eval.py and topk.py share: the model and data flags, the model from a result directory, the evaluated
+split's features with their cache beside the results, and the query × gallery distances they rank by."""
 
 from __future__ import annotations
 
@@ -7,40 +7,29 @@ import argparse
 import hashlib
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.functional import to_pil_image
-from tqdm import tqdm
 
-from corruptions import CORRUPTIONS, SEVERITIES
+from corruptions import CORRUPTIONS, SEVERITIES, CorruptedImages, CorruptionSettings, corruption_draws
 from datasets import (
     SPLITS,
-    CorruptedImages,
-    CorruptionSettings,
-    build_transforms,
-    corruption_draws,
     dataset_identity,
-    detach_from_terminal_signals,
     load_eval_records,
-    load_image,
     manifest_path,
 )
-from metrics import embedding_distance, evaluate_rank
+from embedding import embed_images, model_fingerprint
+from metrics import embedding_distance
 from model import ReIDModel, build_trained, trained_settings
 from rerank import average_query_expansion, re_ranking_features
+from resultdir import PART_FILES, ResultDir, part_file
 from utils import (
     LOG,
-    PART_FILES,
     UserError,
     normalise_flag_spelling,
-    part_file,
-    read_json,
     read_npz_cache,
     resolve_device,
     sha256_file,
@@ -48,98 +37,22 @@ from utils import (
 )
 
 
-def embed_batch(model: ReIDModel, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """Embeddings of a transformed batch on the model's device, as float32 on the CPU (summed with the mirror
-    image's when `flip`). They are kept raw, as the Siamese head takes them; retrieval normalises them."""
-    images = images.to(next(model.parameters()).device, non_blocking=True)
-    embedding = model.embed(images).float()
-    if flip:
-        embedding = embedding + model.embed(torch.flip(images, dims=[3])).float()
-    return embedding.cpu()
-
-
-@torch.no_grad()
-def extract_features(model: ReIDModel, loader: Iterable, flip: bool = False,
-                     progress: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Embeddings of every image a record loader yields, with the person ids and cameras (train.py's validation)."""
-    model.eval()
-    features, pids, camids = [], [], []
-    for images, batch_pids, batch_camids, _ in tqdm(loader, desc="embedding", unit="batch", disable=not progress,
-                                                    leave=False):
-        features.append(embed_batch(model, images, flip))
-        pids.append(batch_pids.numpy())
-        camids.append(batch_camids.numpy())
-    return torch.cat(features), np.concatenate(pids), np.concatenate(camids)
-
-
-ImageInput = str | Path | Image.Image | torch.Tensor
-
-
-class ImageList(Dataset):
-    """Images given as paths, PIL images or C×H×W RGB tensors (uint8, or float in [0, 1]), each with the test
-    transforms: (tensor, index, readable). An unreadable file gives a blank tensor and readable False when
-    `skip_unreadable`, else a UserError naming it."""
-
-    def __init__(self, images: Sequence[ImageInput], img_size: tuple[int, int], skip_unreadable: bool = False):
-        self.images, self.img_size, self.skip_unreadable = images, tuple(img_size), skip_unreadable
-        self.transform = build_transforms(self.img_size, False)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
-        item = self.images[index]
-        if isinstance(item, torch.Tensor):
-            # Rounded, not truncated as to_pil_image does: a float image read from a file gives its bytes back.
-            item = to_pil_image(item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().byte())
-        elif not isinstance(item, Image.Image):
-            try:
-                item = load_image(str(item))
-            except UserError:
-                if not self.skip_unreadable:
-                    raise
-                return torch.zeros(3, *self.img_size), index, False
-        return self.transform(item.convert("RGB")), index, True
-
-
-@torch.no_grad()
-def embedding_batches(model: ReIDModel, images: Sequence[ImageInput], batch_size: int = 64, flip: bool = False,
-                      workers: int = 0, skip_unreadable: bool = False,
-                      progress: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(indices, embeddings) batch by batch, in order; with `skip_unreadable`, unreadable files are left out."""
-    model.eval()
-    loader = DataLoader(ImageList(images, model.img_size, skip_unreadable), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        worker_init_fn=detach_from_terminal_signals)
-    with tqdm(total=len(images), desc="embedding", unit="image", disable=not progress, leave=False) as bar:
-        for batch, indices, readable in loader:
-            bar.update(len(indices))
-            if readable.any():
-                yield indices[readable].numpy(), embed_batch(model, batch[readable], flip)
-
-
-def embed_images(model: ReIDModel, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64,
-                 flip: bool = False, workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """Embeddings [N, embed_dim] of paths, PIL images or C×H×W tensors (a 4-D tensor is N of them), resized and
-    normalised as the model was tested (its img_size); raw, as eval.py caches them."""
-    if len(images) == 0:
-        return torch.empty(0, model.embed_dim)
-    return torch.cat([embedding for _, embedding in embedding_batches(model, images, batch_size, flip, workers,
-                                                                      progress=progress)])
-
-
-def model_settings(args: argparse.Namespace) -> dict:
-    """Backbone, autoencoder, sizes and part files of the model to evaluate, from the flags and config.json."""
+def trained_result(args: argparse.Namespace) -> ResultDir | None:
+    """The result directory whose config.json describes the model: the first of --all-dir, --backbone_dir, --ae_dir
+    and --classifier_dir that holds one; None for bare part files. Its config.json is read once, when first used."""
     if args.all_dir is not None and not Path(args.all_dir).is_dir():
         raise UserError(f"--all-dir {args.all_dir}: no such folder (expected a result directory of train.py)")
+    folders = [args.all_dir, args.backbone_dir, args.ae_dir, args.classifier_dir]
+    results = [ResultDir(folder) for folder in folders if folder is not None and Path(folder).is_dir()]
+    return next((result for result in results if result.has_config()), None)
+
+
+def model_settings(args: argparse.Namespace, result: ResultDir | None) -> dict:
+    """Backbone, autoencoder, sizes and part files of the model to evaluate, from the flags and `result`'s
+    config.json (trained_result's)."""
     sources = {"backbone": args.backbone_dir or args.all_dir, "ae": args.ae_dir or args.all_dir,
                "classifier": args.classifier_dir or args.all_dir}
-    flags: dict = {}
-    for folder in [args.all_dir, args.backbone_dir, args.ae_dir, args.classifier_dir]:
-        if folder is not None and Path(folder).is_dir() and (Path(folder) / "config.json").is_file():
-            config = read_json(Path(folder) / "config.json")
-            flags = {**config["flags"], "num_classes": config.get("num_classes")}
-            break
+    flags = {} if result is None else {**result.flags, "num_classes": result.config.get("num_classes")}
     backbone = args.backbone_type or flags.get("backbone_name")
     ae = args.ae_type or flags.get("ae_name")
     if (backbone is None or ae is None) and args.all_dir is not None:
@@ -158,16 +71,6 @@ def model_settings(args: argparse.Namespace) -> dict:
              if path is not None and (part != "classifier" or args.classifier_dir or
                                       (Path(path) / PART_FILES["classifier"]).is_file())}
     return trained_settings(flags, files, flags.get("num_classes"), backbone, ae, args.img_size, args.latent_dim)
-
-
-def model_fingerprint(settings: dict, flip: bool) -> str:
-    """What a model's embeddings depend on: its embedding parts' bytes, the image size and flipping."""
-    digest = hashlib.sha256()
-    for part in sorted(settings["files"]):
-        if part != "classifier":
-            digest.update(sha256_file(settings["files"][part]).encode())
-    digest.update(f"{tuple(settings['img_size'])}{flip}raw{settings.get('embedding', 'mu')}".encode())
-    return digest.hexdigest()
 
 
 def feature_cache_key(settings: dict, manifest: Path, flip: bool, corruption: CorruptionSettings | None = None) -> str:
@@ -212,7 +115,8 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The seed's model and data flags, shared by eval.py and topk.py."""
     add = parser.add_argument
-    add("--all-dir", type=Path, help="a result directory of train.py: parts, config.json (enough on its own)")
+    add("--result-dir", "--all-dir", dest="all_dir", type=Path,
+        help="a result directory of train.py: parts, config.json (enough on its own)")
     add("--backbone-dir", type=Path, help="backbone weights: a file or a folder holding backbone.pt")
     add("--backbone-type", help="backbone name (read from config.json when there is one)")
     add("--ae-dir", type=Path, help="autoencoder weights: a file or a folder holding ae.pt")
@@ -288,42 +192,25 @@ def corruption_settings(corrupt: str | None, severity: str, seed: int) -> Corrup
     return CorruptionSettings(names, severities, seed)
 
 
-def rank_split(distances: np.ndarray, found: dict[str, np.ndarray], split: str, prepared: Path,
-               **options) -> dict:
-    """evaluate_rank on a split's features; a split the protocol leaves nothing to rank in is named."""
-    try:
-        return evaluate_rank(distances, found["q_pids"], found["g_pids"], found["q_camids"], found["g_camids"],
-                             **options)
-    except ValueError as err:
-        raise UserError(f"split '{split}' of {prepared}: {err}") from err
-
-
 FOLDER_UNSAFE = re.compile(r"[^\w.-]+")
 
 
-def model_config(args: argparse.Namespace) -> Path | None:
-    """The config.json beside the model, in --all-dir or --backbone_dir, when there is one."""
-    configs = [Path(folder) / "config.json" for folder in (args.all_dir, args.backbone_dir) if folder is not None]
-    return next((path for path in configs if path.is_file()), None)
-
-
-def training_root(args: argparse.Namespace) -> Path | None:
+def training_root(result: ResultDir | None) -> Path | None:
     """The prepared root the model was trained on, as its config.json names it."""
-    config = model_config(args)
-    return None if config is None else Path(read_json(config)["flags"]["data"])
+    return None if result is None else Path(result.flags["data"])
 
 
-def dataset_root(args: argparse.Namespace) -> Path:
+def dataset_root(args: argparse.Namespace, result: ResultDir | None) -> Path:
     """The prepared root to evaluate on, checked to hold the split's manifest: --dataset-dir, else the training
     run's --data."""
     if args.dataset_dir is not None:
         root, source = Path(args.dataset_dir), "--dataset-dir"
         hint = "expected a root written by prepare.py --out, not a raw Market-1501 folder"
     else:
-        root = training_root(args)
+        root = training_root(result)
         if root is None:
             raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
-        source = f"the training data named in {model_config(args)}:"
+        source = f"the training data named in {result.config_path}:"
         hint = "a relative path there is read from the current folder; give --dataset-dir PREPARED_ROOT"
     manifest = manifest_path(root, args.split)
     if not manifest.is_file():
@@ -331,39 +218,37 @@ def dataset_root(args: argparse.Namespace) -> Path:
     return root
 
 
-def is_cross_domain(args: argparse.Namespace, prepared: Path) -> bool:
+def is_cross_domain(result: ResultDir | None, prepared: Path) -> bool:
     """Whether the evaluated root is another than the one the model was trained on."""
-    trained = training_root(args)
+    trained = training_root(result)
     return trained is not None and trained.resolve() != prepared.resolve()
 
 
-def data_provenance(args: argparse.Namespace, prepared: Path) -> dict:
+def data_provenance(args: argparse.Namespace, result: ResultDir | None, prepared: Path) -> dict:
     """Both data sets a result depends on: the training root (name, format, manifest hashes from config.json) and
     the evaluated root (name, format, split, manifest hash)."""
-    config = model_config(args)
     trained = None
-    if config is not None:
-        record = read_json(config)
-        trained = {**(record.get("dataset") or dataset_identity(record["flags"]["data"])),
-                   "manifests": record.get("manifests")}
+    if result is not None:
+        trained = {**(result.config.get("dataset") or dataset_identity(result.flags["data"])),
+                   "manifests": result.config.get("manifests")}
     manifest = manifest_path(prepared, args.split)
     evaluated = {**dataset_identity(prepared), "split": args.split, "manifest": str(manifest),
                  "sha256": sha256_file(manifest)}
-    return {"trained_on": trained, "evaluated_on": evaluated, "cross_domain": is_cross_domain(args, prepared)}
+    return {"trained_on": trained, "evaluated_on": evaluated, "cross_domain": is_cross_domain(result, prepared)}
 
 
-def result_folder(args: argparse.Namespace, name: str) -> Path:
+def result_folder(args: argparse.Namespace, result: ResultDir | None, name: str) -> Path:
     """RESULT_DIR/<name> beside the model: <name>_<data set name> on another root than the training one, then
     _<split> for splits other than test."""
     base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
-    if args.dataset_dir is not None and is_cross_domain(args, Path(args.dataset_dir)):
+    if args.dataset_dir is not None and is_cross_domain(result, Path(args.dataset_dir)):
         name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(args.dataset_dir)['name'])}"
     return Path(base) / (name if args.split == "test" else f"{name}_{args.split}")
 
 
-def output_dir(args: argparse.Namespace) -> Path:
+def output_dir(args: argparse.Namespace, result: ResultDir | None) -> Path:
     """Where eval.py's results and feature cache go: --out, else RESULT_DIR/eval (eval_<data set> cross-domain)."""
-    return args.out if args.out is not None else result_folder(args, "eval")
+    return args.out if args.out is not None else result_folder(args, result, "eval")
 
 
 def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace,
@@ -413,12 +298,12 @@ def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, 
                           args.workers, corruption)
 
 
-def prepare_evaluation(args: argparse.Namespace, cache_dir: Path,
+def prepare_evaluation(args: argparse.Namespace, result: ResultDir | None, cache_dir: Path,
                        corruption: CorruptionSettings | None = None) -> EvaluationInputs:
-    """Load the model, embed the split (or read the cache in `cache_dir`) and compute the ranking distances;
-    with `corruption`, of the corrupted split."""
-    settings = model_settings(args)
-    prepared, device = dataset_root(args), resolve_device(args.device)
+    """Load the model (described by trained_result's `result`), embed the split (or read the cache in `cache_dir`)
+    and compute the ranking distances; with `corruption`, of the corrupted split."""
+    settings = model_settings(args, result)
+    prepared, device = dataset_root(args, result), resolve_device(args.device)
     model = build_trained(settings, device)
     found = cached_features(args, model, settings, prepared, cache_dir, args.flip, corruption)
     return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
