@@ -67,7 +67,7 @@ gpu-suite: $(STAMP)
 PAIRINGS := --img-size 64 32 --epochs 2 --lr 1e-3 --lr-classifier 1e-2 --warmup-epochs 1
 
 pairings: $(STAMP)
-	$(PY) bench/pairings.py $(PAIRINGS)
+	$(PY) studies/pairings.py $(PAIRINGS)
 
 clean-demo:
 	rm -rf $(RUN) $(PREPARED) $(SYNTH)

@@ -19,11 +19,11 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_MD = ROOT / "docs" / "flags.md"
 # Each script's parser comes from its build_parser(), in this order.
-SCRIPTS = ("prepare.py", "train.py", "eval.py", "topk.py", "export.py", "bench/pairings.py")
+SCRIPTS = ("prepare.py", "train.py", "eval.py", "topk.py", "export.py", "studies/pairings.py")
 # Defaults computed from the machine's cores, shown as what they are rather than this machine's number.
 MACHINE_DEFAULTS = {("prepare.py", "workers"): "cores, at most 8", ("train.py", "workers"): "cores, at most 8"}
 # Scripts that hand the flags they do not know on to another script's parser.
-PASSES_ON = {"bench/pairings.py": "train.py", "bench/train_throughput.py": "train.py",
+PASSES_ON = {"studies/pairings.py": "train.py", "bench/train_throughput.py": "train.py",
              "bench/model_step.py": "train.py", "bench/eval_timing.py": "eval.py"}
 DEFAULT_GROUPS = ("options", "optional arguments", "positional arguments")
 HEADER = """# Command-line flags

@@ -388,9 +388,9 @@ def test_command_lines_report_a_made_up_flag_with_document_and_its_own_line():
 
 
 def test_flags_passed_on_and_after_a_separator():
-    assert command_flag_problems("bench/pairings.py", ["--epochs", "2", "--lr", "1e-3", "--balance=gradnorm"]) == []
-    assert command_flag_problems("bench/pairings.py", ["--", "--lr", "1"]) == [
-        ("--lr", "after a `--`, which bench/pairings.py does not take")]
+    assert command_flag_problems("studies/pairings.py", ["--epochs", "2", "--lr", "1e-3", "--balance=gradnorm"]) == []
+    assert command_flag_problems("studies/pairings.py", ["--", "--lr", "1"]) == [
+        ("--lr", "after a `--`, which studies/pairings.py does not take")]
     assert command_flag_problems("bench/train_throughput.py", ["--device", "cuda", "--", "--loader", "pil"]) == []
     assert command_flag_problems("bench/train_throughput.py", ["--", "--compile-row"]) == [
         ("--compile-row", "after `--`, not a flag of train.py")]

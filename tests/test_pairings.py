@@ -1,4 +1,4 @@
-"""bench/pairings.py: a grid of backbone × autoencoder pairings, its table and heat map, and resuming it."""
+"""studies/pairings.py: a grid of backbone × autoencoder pairings, its table and heat map, and resuming it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import ROOT
 from utils import UserError, read_json, write_json
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "studies"))
 import pairings  # noqa: E402
 
 GRID = ["--backbones", "resnet18", "vgg11", "--aes", "none", "vae", "--epochs", "1", "--img-size", "64", "32",
@@ -120,7 +120,7 @@ def test_the_table_shows_mean_and_spread_and_applies_the_tie_rule():
     assert dae["seeds"] == [0, 1, 2] and dae["mAP"] == pytest.approx(0.83) and dae["mAP_std"] == pytest.approx(0.02)
     budget = {"data": "d", "split": "test", "epochs": 2, "img_size": [64, 32], "latent_dim": 64, "seed": 0,
               "train_flags": []}
-    table = pairings.table_markdown([none, dae, vae], budget, "python bench/pairings.py")
+    table = pairings.table_markdown([none, dae, vae], budget, "python studies/pairings.py")
     lines = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines() if line.startswith("| r18")}
     # none 82.0 ± 2.0, dae 83.0 ± 2.0: a tie, both bold; corrupted 32.0 ± 2.0 against 41.0 ± 1.0: +9.0, better.
     assert lines["none"][2] == "**82.0 ± 2.0**" and lines["dae+deg"][2] == "**83.0 ± 2.0**"

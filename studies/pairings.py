@@ -1,9 +1,9 @@
 """Every backbone × autoencoder pairing trained and evaluated under one budget, over seeds: pairings.md,
 pairings.json, pairings.png (mAP heat map) and pairings_robustness.png (clean against corrupted mAP per row).
 
-python bench/pairings.py                                   # the CPU list on the synthetic set -> runs/pairings/
-python bench/pairings.py --seed-list --data data/market --epochs 60 --img-size 256 128 --amp   # on a GPU
-python bench/pairings.py --aes none dae --variant "dae+degraded=--ae-name dae --degraded-views" --seeds 3
+python studies/pairings.py                                   # the CPU list on the synthetic set -> runs/pairings/
+python studies/pairings.py --seed-list --data data/market --epochs 60 --img-size 256 128 --amp   # on a GPU
+python studies/pairings.py --aes none dae --variant "dae+degraded=--ae-name dae --degraded-views" --seeds 3
 
 The budget (data, epochs, image size, first seed, latent size, and any other flag, which goes to train.py
 unchanged, e.g. --balance gradnorm or --lr 1e-3) is the same for every pairing and recorded in OUT/budget.json.
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     check_budget(args.out, budget)
     check_rows(args.out, args.rows)
-    command = "python bench/pairings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python studies/pairings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     names = [name for name, _ in args.rows]
     rows: list[dict] = []
     started = time.time()
