@@ -254,7 +254,7 @@ def test_unreadable_images_are_listed_left_out_and_never_met_in_training(tmp_pat
                                                 ({"preset": "domain-b", "seed": 0}, "synthetic-domain-b"),
                                                 ({"preset": "default", "seed": 1}, "synthetic-seed1")])
 def test_synthetic_sets_are_named_by_preset_and_seed(market_tree: Path, settings: dict, name: str):
-    from datasets import find_dataset
+    from layouts import find_dataset
 
     found = find_dataset(market_tree)
     assert prepare.dataset_name(found) == "market1501"
