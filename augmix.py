@@ -44,7 +44,7 @@ def augmix_views(images: Tensor, step_seed: int, count: int = 2, part: tuple[int
         mixed = torch.empty_like(pixels)
         for index, image in enumerate(pixels):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(image_seed(step_seed, view, first_row + index))
+                torch.default_generator.manual_seed(image_seed(step_seed, view, first_row + index))
                 mixed[index] = transform(image)
         views.append(to_normalised(mixed.float() / 255).to(images.device, images.dtype))
     return views

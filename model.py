@@ -541,13 +541,15 @@ class ReIDModel(nn.Module):
             e_i, e_j = ((e - bn.bias) * scale + bn.running_mean for e in (e_i, e_j))
         return self.verify(e_i, e_j)
 
-    def forward(self, images: Tensor, clean: Tensor | None = None, views: int = 1) -> dict[str, Tensor | None]:
+    def forward(self, images: Tensor, clean: Tensor | None = None, views: int = 1,
+                clean_pass: bool = True) -> dict[str, Tensor | None]:
         """What the losses use: feat, target_feat, z (the embedding), latent, recon, recon_target, mu, logvar,
         logits (of the code), sparse_code.
 
         `clean`, when given, is the clean view of the degraded `images`; with `views` > 1, `images` is that many
         views of one batch stacked, the clean one first. The targets (the reconstruction's and target_feat, the clean
-        view's feature) come from the clean view, detached: no gradient reaches them.
+        view's feature) come from the clean view, detached: no gradient reaches them. Without `clean_pass` the clean
+        batch only gives the image target, and target_feat is each row's own feature (no second backbone pass).
         """
         feat = self.backbone(images)
         out = self.ae(feat)
@@ -559,7 +561,7 @@ class ReIDModel(nn.Module):
         if self.placement == "residual":
             code = feat + out["recon"]
             out["recon"] = code  # the denoised feature, drawn towards the clean view's
-        out["feat"], out["target_feat"] = feat, self.clean_feature(feat, clean, views)
+        out["feat"], out["target_feat"] = feat, self.clean_feature(feat, clean if clean_pass else None, views)
         if self.recon_target == "image":
             out["recon"] = self.ae.image_decoder(out["latent"])
             target = (images if clean is None else clean).detach()[:len(images) // views]

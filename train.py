@@ -231,7 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "last_stride" in given and not is_resnet(args.backbone_name):
         parser.error(f"--last-stride: applies to ResNets (torchvision's and timm's); {args.backbone_name} is not one")
     if args.sparsity is None:
-        args.sparsity = 1e-3 if "sparsity" in AUTOENCODER_TERMS[args.ae_name] else 0.0
+        args.sparsity = 1e-3 if "sparsity" in AUTOENCODER_TERMS.get(args.ae_name, ()) else 0.0
     check_views(parser, args, given)
     try:
         check_model_choices(args.ae_name, args.recon_target, args.embedding, args.ae_placement)
@@ -469,6 +469,9 @@ def upgrade_checkpoint(state: dict, config_path: Path, world: int, device: torch
     """Any checkpoint train.py has written, in CHECKPOINT_FORMAT: a locked flag it does not record as the run's
     config.json does, else at the value runs had before the flag existed (today's default, or ABSENT_FLAGS'); a
     format-1 checkpoint's generators (rank 0's) for every rank; a balancer from before the balancing, untrained."""
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise UserError(f"--resume {config_path.parent / CHECKPOINT_FILE}: written in checkpoint format "
+                        f"{state['format']}, newer than this train.py's {CHECKPOINT_FORMAT}; update the code")
     recorded = read_json(config_path).get("flags", {}) if config_path.is_file() else {}
     defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
     flags = {k: str(recorded[k]) if k in recorded else defaults[k] for k in RESUME_LOCKED} | state["flags"]

@@ -55,7 +55,7 @@ class StepOptions:
     sparsity_target: float = 0.05
     sparsity_mode: str = "kl"
     batch_k: int = 4
-    degraded_views: bool = False
+    degraded_views: bool = True
     degrade_prob: float = 0.5
     augmix: bool = False
     seed: int = 0
@@ -86,6 +86,9 @@ class TrainStep(nn.Module):
         # The clean view goes through the backbone only for what is made from it: a reconstruction target or the
         # consistency term's feature.
         self.needs_clean = model.ae_name != "none" or model.recon_target == "image" or weights.consistency > 0
+        # Only a feature target or the consistency term needs the clean view's backbone pass; an image target reads
+        # the clean images themselves.
+        self.clean_pass = (model.ae_name != "none" and model.recon_target == "feature") or weights.consistency > 0
         self.kl_warmup_steps, self.beta = options.kl_warmup_steps, options.beta
         # β at this step on the device, shared with the balancer: a compiled step reads the tensor, so a new step
         # neither recompiles it nor changes its CUDA graph.
@@ -131,7 +134,7 @@ class TrainStep(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lottery = self.pair_lottery(len(labels) * self.world, images.device)
         inputs, views = self.views(images)
-        outputs = self.model(*inputs, views=views)
+        outputs = self.model(*inputs, views=views, clean_pass=self.clean_pass)
         if views > 1:
             outputs = clean_view_rows(outputs, views)
         if self.world > 1:

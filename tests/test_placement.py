@@ -182,6 +182,22 @@ def test_a_view_that_is_not_degraded_gives_a_zero_consistency_term():
     assert terms["consistency"].item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize(("ae", "recon_target", "consistency", "passes"), [
+    ("ae", "image", "0", 1), ("ae", "feature", "0", 2), ("none", "image", "0", 1), ("none", "image", "1", 2)])
+def test_the_clean_view_goes_through_the_backbone_only_for_a_feature_target(ae: str, recon_target: str,
+                                                                             consistency: str, passes: int):
+    args = step_args(**{"--ae-name": ae, "--recon-target": recon_target, "--degraded-views": "",
+                        "--consistency": consistency})
+    torch.manual_seed(0)
+    model = ReIDModel("resnet18", ae, 4, latent_dim=LATENT, img_size=IMG, recon_target=recon_target)
+    weights = train.loss_weights(args)
+    step = TrainStep(model, weights, train.build_balancer(args, weights), train.step_options(args)).train()
+    calls = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    step(images(4), torch.tensor([0, 0, 1, 1]))
+    assert calls == [4] * passes
+
+
 def test_augmix_trains_on_the_clean_view_and_ties_the_three_by_js():
     args = step_args(**{"--augmix": ""})
     assert args.js == train.CIL_JS_WEIGHT and not args.degraded_views
