@@ -321,10 +321,6 @@ class AutoEncoder(nn.Module):
     def corrupt(self, feat: Tensor) -> Tensor:
         return feat
 
-    def reconstruct(self, feat: Tensor) -> Tensor:
-        """The decoder's output from the deterministic code (no denoising noise)."""
-        return self.decoder(self.encode(feat))
-
     def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
         z = self.encode(self.corrupt(feat) if self.training else feat)
         return _outputs(z, z, self.decoder(z))
@@ -369,10 +365,6 @@ class VariationalAE(nn.Module):
 
     def encode(self, feat: Tensor) -> Tensor:
         return self.mu(self.encoder(feat))
-
-    def reconstruct(self, feat: Tensor) -> Tensor:
-        """The decoder's output from μ."""
-        return self.decoder(self.encode(feat))
 
     def forward(self, feat: Tensor) -> dict[str, Tensor | None]:
         hidden = self.encoder(feat)
@@ -517,7 +509,8 @@ class ReIDModel(nn.Module):
         (branch), or the denoised feature f + D(E(f)) (residual)."""
         if self.placement == "series":
             return self.ae.encode(feat)
-        return feat + self.ae.reconstruct(feat) if self.placement == "residual" else feat
+        # The decoder reads the deterministic code (μ, no denoising noise).
+        return feat + self.ae.decoder(self.ae.encode(feat)) if self.placement == "residual" else feat
 
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise), through the

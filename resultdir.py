@@ -19,25 +19,11 @@ class ResultDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.config_path, self.checkpoint_path = self.path / CONFIG_FILE, self.path / CHECKPOINT_FILE
+        self.summary_path, self.metrics_path = self.path / SUMMARY_FILE, self.path / METRICS_FILE
 
     def __repr__(self) -> str:
         return f"ResultDir({str(self.path)!r})"
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
 
     def has_config(self) -> bool:
         return self.config_path.is_file()

@@ -137,6 +137,8 @@ class TrainStep(nn.Module):
         outputs = self.model(*inputs, views=views, clean_pass=self.clean_pass)
         if views > 1:
             outputs = clean_view_rows(outputs, views)
+        if not self.weights.consistency:  # only the consistency term reads them: no gather for them
+            outputs = {**outputs, "feat": None, "target_feat": None}
         if self.world > 1:
             outputs, labels = gather_batch(outputs, labels)
         # A P×K batch's pair count follows from its size, so mining the Siamese pairs never reads the labels.
