@@ -27,8 +27,8 @@ demo: $(STAMP)
 	$(PY) prepare.py --synthetic $(SYNTH) --out $(PREPARED) --val-ids 20
 	test -f $(RUN)/summary.json || $(PY) train.py --config $(DEMO_CONFIG) --data $(PREPARED) --result-dir $(RUN) \
 		$$(test -f $(RUN)/checkpoint.pt && echo --resume)
-	$(PY) eval.py --all-dir $(RUN)
-	$(PY) topk.py --all-dir $(RUN) --k 10
+	$(PY) eval.py --result-dir $(RUN)
+	$(PY) topk.py --result-dir $(RUN) --k 10
 	@echo "top-k grids: $(RUN)/topk/index.html"
 
 test: $(STAMP)

@@ -22,12 +22,23 @@ from utils import UserError, read_json
 # Prepared root: splits/*.json manifests written by prepare.py
 # ---------------------------------------------------------------------------------------------------------
 
-SPLITS = ("train", "test", "val", "seed_test", "seed_val")
+SPLITS = ("train", "test", "val", "all_vs_all_test", "all_vs_all_val")
+# The all-vs-all splits' earlier names, accepted by --split and read from roots prepared under them.
+SPLIT_ALIASES = {"seed_test": "all_vs_all_test", "seed_val": "all_vs_all_val"}
+
+
+def split_name(name: str) -> str:
+    """A split's name, an earlier name (SPLIT_ALIASES) read as the current one."""
+    return SPLIT_ALIASES.get(name, name)
 
 
 def manifest_path(prepared: str | Path, split: str) -> Path:
-    """Where a split's manifest lives inside a prepared root."""
-    return Path(prepared) / "splits" / f"{split}.json"
+    """Where a split's manifest lives inside a prepared root (under its earlier name in a root prepared so)."""
+    path = Path(prepared) / "splits" / f"{split}.json"
+    earlier = {new: old for old, new in SPLIT_ALIASES.items()}.get(split)
+    if earlier and not path.is_file() and (legacy := path.with_name(f"{earlier}.json")).is_file():
+        return legacy
+    return path
 
 
 def records_to_rows(records: Sequence[ImageRecord], base: Path) -> list[list]:
@@ -51,6 +62,7 @@ def dataset_identity(prepared: str | Path) -> dict[str, str | None]:
 
 def load_manifest(prepared: str | Path, split: str) -> dict:
     """A split's manifest, with a clear message when the root was never prepared."""
+    split = split_name(split)
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     path = manifest_path(prepared, split)
@@ -68,7 +80,8 @@ def load_train_records(prepared: str | Path) -> tuple[list[ImageRecord], int]:
 def load_eval_records(prepared: str | Path, split: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Query and gallery records of an evaluation split."""
     if split == "train":
-        raise UserError("--split train: the training split has no query/gallery; use test, val, seed_test or seed_val")
+        raise UserError("--split train: the training split has no query/gallery; use test, val, all_vs_all_test or "
+                        "all_vs_all_val")
     manifest = load_manifest(prepared, split)
     base = Path(prepared)
     return rows_to_records(manifest["query"], base), rows_to_records(manifest["gallery"], base)
@@ -108,11 +121,12 @@ def split_validation_ids(
     return remaining, without_labels(query), without_labels(gallery)
 
 
-def seed_split(
+def all_vs_all_split(
     gallery: Sequence[ImageRecord], test_share: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord], list[int]]:
-    """The seed's split of bounding_box_test: each identity's images at random, `test_share` to test, the rest
-    to validation; validation identities with fewer than two images are left out and returned by id."""
+    """The all-vs-all split of bounding_box_test (the original project's): each identity's images at random,
+    `test_share` to test, the rest to validation; validation identities with fewer than two images are left out
+    and returned by id."""
     by_pid: dict[int, list[ImageRecord]] = defaultdict(list)
     for r in gallery:
         if r.pid not in (JUNK_PID, DISTRACTOR_PID):

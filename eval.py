@@ -1,11 +1,11 @@
 """Evaluate a trained model on a prepared split: mAP, mINP and CMC by the Market-1501 protocol.
 
-python eval.py --all-dir runs/demo                 # the standard test split, results in runs/demo/eval/
-python eval.py --all-dir runs/demo --split val --flip --rerank
-python eval.py --all-dir runs/demo --dataset-dir data/domain_b   # cross-domain: runs/demo/eval_<data set name>/
-python eval.py --all-dir runs/demo --aqe --rerank  # query expansion, then re-ranking
-python eval.py --all-dir runs/demo --corrupt all   # clean and Market-1501-C-corrupted figures side by side
-python eval.py --all-dir runs/demo --corrupt-grid  # every corruption × severity: robustness.json/.png/.md
+python eval.py --result-dir runs/demo                 # the standard test split, results in runs/demo/eval/
+python eval.py --result-dir runs/demo --split val --flip --rerank
+python eval.py --result-dir runs/demo --dataset-dir data/domain_b   # cross-domain: runs/demo/eval_<data set name>/
+python eval.py --result-dir runs/demo --aqe --rerank  # query expansion, then re-ranking
+python eval.py --result-dir runs/demo --corrupt all   # clean and Market-1501-C-corrupted figures side by side
+python eval.py --result-dir runs/demo --corrupt-grid  # every corruption × severity: robustness.json/.png/.md
 
 The command line only: ranking metrics live in metrics.py, re-ranking in rerank.py, the Siamese head's scores
 in verification.py, the model and the split's features in eval_inputs.py, corrupted figures in
@@ -25,6 +25,7 @@ from eval_inputs import (
     add_model_flags,
     corrupted_evaluation,
     data_provenance,
+    evaluation_options,
     output_dir,
     parse_model_args,
     prepare_evaluation,
@@ -33,7 +34,7 @@ from eval_inputs import (
 )
 from metrics import AP_MODES, evaluate_rank, rank_split
 from rerank import re_ranking, re_ranking_features
-from robustness import ranking_summary, side_by_side, write_grid
+from robustness import grid_settings, ranking_summary, side_by_side, write_grid
 from utils import LOG, plot_xy, run_script, setup_logging, sha256_file, versions, write_json
 from verification import verification_report
 
@@ -71,12 +72,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     folder, the figures logged; returns the report."""
     args = parse_args(argv)
     setup_logging()
-    result_dir = trained_result(args)
-    out = output_dir(args, result_dir)
-    inputs = prepare_evaluation(args, result_dir, out)
+    options = evaluation_options(args)
+    result_dir = trained_result(options.model)
+    out = output_dir(options, result_dir)
+    inputs = prepare_evaluation(options, result_dir, out)
     settings, prepared, found, distances = inputs.settings, inputs.prepared, inputs.found, inputs.distances
-    options = {"max_rank": args.max_rank, "ap_mode": args.ap_mode}
-    result = rank_split(distances, found, args.split, prepared, **options)
+    rank_options = {"max_rank": args.max_rank, "ap_mode": args.ap_mode}
+    result = rank_split(distances, found, args.split, prepared, **rank_options)
     cmc = result["cmc"]
     clean = ranking_summary(result)
     report = {
@@ -85,22 +87,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": settings, "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "manifest": {"path": str(manifest_path(prepared, args.split)),
                      "sha256": sha256_file(manifest_path(prepared, args.split))},
-        "data": data_provenance(args, result_dir, prepared),
+        "data": data_provenance(options.data, result_dir, prepared),
         "versions": versions(),
     }
     if "classifier" in settings["files"] and args.verify_pairs > 0:
         try:
-            report["verification"] = verification_report(inputs.model, unaugmented_features(inputs, args, out),
+            report["verification"] = verification_report(inputs.model, unaugmented_features(inputs, options, out),
                                                          args.verify_pairs, args.threshold, out, inputs.device)
         except ValueError as err:
             LOG.warning("warning: no verification metrics: %s", err)
     if args.corruption is not None:
-        corrupted = corrupted_evaluation(inputs, args, out, args.corruption)
+        corrupted = corrupted_evaluation(inputs, options, out, args.corruption)
         report["corrupted"] = {args.corruption.key(): ranking_summary(
-            rank_split(corrupted.distances, corrupted.found, args.split, prepared, **options))}
+            rank_split(corrupted.distances, corrupted.found, args.split, prepared, **rank_options))}
     if args.corrupt_grid:
         report["robustness"] = str(out / "robustness.json")
-        write_grid(inputs, args, clean, out, **options)
+        chosen = grid_settings(args.corruption, args.severity, args.corrupt_seed)
+        write_grid(inputs, options, chosen, clean, out, **rank_options)
     write_json(out / "results.json", report)
     plot_xy(np.arange(1, len(cmc) + 1), cmc, out / "cmc.png", "CMC", "rank", "matching rate",
             f"{settings['backbone']} + {settings['ae']}: mAP {100 * result['mAP']:.1f}%", percent=True)

@@ -8,7 +8,7 @@ import hashlib
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from datasets import (
     dataset_identity,
     load_eval_records,
     manifest_path,
+    split_name,
 )
 from embedding import embed_images, model_fingerprint
 from metrics import embedding_distance
@@ -37,40 +38,111 @@ from utils import (
 )
 
 
-def trained_result(args: argparse.Namespace) -> ResultDir | None:
-    """The result directory whose config.json describes the model: the first of --all-dir, --backbone_dir, --ae_dir
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the evaluated model comes from: a result directory or part files, and what completes or overrides
+    their config.json."""
+
+    result_dir: Path | None = None
+    backbone_dir: Path | None = None
+    ae_dir: Path | None = None
+    classifier_dir: Path | None = None
+    backbone_type: str | None = None
+    ae_type: str | None = None
+    img_size: tuple[int, int] | None = None
+    latent_dim: int = 512
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """The evaluated data: a prepared root (None: the training run's) and its split."""
+
+    dataset_dir: Path | None = None
+    split: str = "test"
+
+
+@dataclass(frozen=True)
+class RankingOptions:
+    """How the query × gallery distances are computed: metric, query expansion, re-ranking."""
+
+    metric: str = "euclidean"
+    aqe: bool = False
+    aqe_k: int = 5
+    aqe_alpha: float = 3.0
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """How the split is embedded: test-time flipping, batching, device and the feature cache."""
+
+    flip: bool = False
+    batch_size: int = 128
+    workers: int = 2
+    device: str = "auto"
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """Everything eval.py and topk.py's shared steps read: model, data, ranking, embedding, corruption, output."""
+
+    model: ModelSource
+    data: SplitSource
+    ranking: RankingOptions
+    embedding: EmbeddingOptions
+    corruption: CorruptionSettings | None = None
+    out: Path | None = None
+
+
+def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    """The typed options of parsed eval.py or topk.py flags (parse_model_args's)."""
+    def picked(cls: type) -> dict:
+        return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+    model = ModelSource(**{**picked(ModelSource), "img_size": tuple(args.img_size) if args.img_size else None})
+    embedding = EmbeddingOptions(**picked(EmbeddingOptions), cache=not args.no_cache)
+    return EvaluationOptions(model, SplitSource(**picked(SplitSource)), RankingOptions(**picked(RankingOptions)),
+                             embedding, args.corruption, args.out)
+
+
+def trained_result(source: ModelSource) -> ResultDir | None:
+    """The result directory whose config.json describes the model: the first of --result-dir, --backbone_dir, --ae_dir
     and --classifier_dir that holds one; None for bare part files. Its config.json is read once, when first used."""
-    if args.all_dir is not None and not Path(args.all_dir).is_dir():
-        raise UserError(f"--all-dir {args.all_dir}: no such folder (expected a result directory of train.py)")
-    folders = [args.all_dir, args.backbone_dir, args.ae_dir, args.classifier_dir]
+    if source.result_dir is not None and not Path(source.result_dir).is_dir():
+        raise UserError(f"--result-dir {source.result_dir}: no such folder (expected a result directory of train.py)")
+    folders = [source.result_dir, source.backbone_dir, source.ae_dir, source.classifier_dir]
     results = [ResultDir(folder) for folder in folders if folder is not None and Path(folder).is_dir()]
     return next((result for result in results if result.has_config()), None)
 
 
-def model_settings(args: argparse.Namespace, result: ResultDir | None) -> dict:
+def model_settings(source: ModelSource, result: ResultDir | None) -> dict:
     """Backbone, autoencoder, sizes and part files of the model to evaluate, from the flags and `result`'s
     config.json (trained_result's)."""
-    sources = {"backbone": args.backbone_dir or args.all_dir, "ae": args.ae_dir or args.all_dir,
-               "classifier": args.classifier_dir or args.all_dir}
+    sources = {"backbone": source.backbone_dir or source.result_dir, "ae": source.ae_dir or source.result_dir,
+               "classifier": source.classifier_dir or source.result_dir}
     flags = {} if result is None else {**result.flags, "num_classes": result.config.get("num_classes")}
-    backbone = args.backbone_type or flags.get("backbone_name")
-    ae = args.ae_type or flags.get("ae_name")
-    if (backbone is None or ae is None) and args.all_dir is not None:
-        raise UserError(f"--all-dir {args.all_dir}: no config.json there (expected a result directory of train.py, "
-                        "or give --backbone_type and --ae_type)")
+    backbone = source.backbone_type or flags.get("backbone_name")
+    ae = source.ae_type or flags.get("ae_name")
+    if (backbone is None or ae is None) and source.result_dir is not None:
+        raise UserError(f"--result-dir {source.result_dir}: no config.json there (expected a result directory of "
+                        "train.py, or give --backbone_type and --ae_type)")
     if backbone is None or ae is None:
         raise UserError("--backbone_type and --ae_type are needed when no config.json is found beside the parts "
-                        "(or give --all-dir RESULT_DIR)")
-    for name, given, trained in (("--backbone_type", args.backbone_type, flags.get("backbone_name")),
-                                 ("--ae_type", args.ae_type, flags.get("ae_name"))):
+                        "(or give --result-dir RESULT_DIR)")
+    for name, given, trained in (("--backbone_type", source.backbone_type, flags.get("backbone_name")),
+                                 ("--ae_type", source.ae_type, flags.get("ae_name"))):
         if given and trained and given != trained:
             raise UserError(f"{name} {given}: the parts were trained as {trained}")
     if sources["backbone"] is None or sources["ae"] is None:
-        raise UserError("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+        raise UserError("give --result-dir RESULT_DIR, or --backbone_dir and --ae_dir")
     files = {part: part_file(path, part, f"--{part}_dir") for part, path in sources.items()
-             if path is not None and (part != "classifier" or args.classifier_dir or
+             if path is not None and (part != "classifier" or source.classifier_dir or
                                       (Path(path) / PART_FILES["classifier"]).is_file())}
-    return trained_settings(flags, files, flags.get("num_classes"), backbone, ae, args.img_size, args.latent_dim)
+    return trained_settings(flags, files, flags.get("num_classes"), backbone, ae, source.img_size, source.latent_dim)
 
 
 def feature_cache_key(settings: dict, manifest: Path, flip: bool, corruption: CorruptionSettings | None = None) -> str:
@@ -115,7 +187,7 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The seed's model and data flags, shared by eval.py and topk.py."""
     add = parser.add_argument
-    add("--result-dir", "--all-dir", dest="all_dir", type=Path,
+    add("--result-dir", "--all-dir", dest="result_dir", type=Path,
         help="a result directory of train.py: parts, config.json (enough on its own)")
     add("--backbone-dir", type=Path, help="backbone weights: a file or a folder holding backbone.pt")
     add("--backbone-type", help="backbone name (read from config.json when there is one)")
@@ -123,21 +195,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add("--ae-type", help="autoencoder name (read from config.json when there is one)")
     add("--classifier-dir", type=Path, help="classifier and Siamese head: a file or a folder holding classifier.pt")
     add("--dataset-dir", type=Path, help="prepared root (default: the one the model was trained on)")
-    add("--split", default="test", choices=[s for s in SPLITS if s != "train"])
+    add("--split", default=SplitSource.split, type=split_name, choices=[s for s in SPLITS if s != "train"],
+        help="the split to evaluate (seed_test and seed_val: all_vs_all_test and all_vs_all_val's earlier names)")
     add("--flip", action="store_true", help="average each embedding with its mirror image's")
-    add("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    add("--metric", choices=("euclidean", "cosine"), default=RankingOptions.metric)
     add("--rerank", action="store_true", help="k-reciprocal re-ranking, from the embeddings, on --device")
-    add("--k1", type=int, default=20, help="re-ranking: size of the k-reciprocal neighbour sets")
-    add("--k2", type=int, default=6, help="re-ranking: neighbours averaged in its local query expansion")
-    add("--lambda-value", type=float, default=0.3, help="re-ranking: weight of the original distance")
+    add("--k1", type=int, default=RankingOptions.k1, help="re-ranking: size of the k-reciprocal neighbour sets")
+    add("--k2", type=int, default=RankingOptions.k2,
+        help="re-ranking: neighbours averaged in its local query expansion")
+    add("--lambda-value", type=float, default=RankingOptions.lambda_value,
+        help="re-ranking: weight of the original distance")
     add("--aqe", action="store_true", help="average query expansion (α-weighted, as fast-reid) before ranking")
-    add("--aqe-k", type=int, default=5, help="AQE: neighbours averaged into each embedding, itself included")
-    add("--aqe-alpha", type=float, default=3.0, help="AQE: exponent α of the similarity weights")
+    add("--aqe-k", type=int, default=RankingOptions.aqe_k,
+        help="AQE: neighbours averaged into each embedding, itself included")
+    add("--aqe-alpha", type=float, default=RankingOptions.aqe_alpha, help="AQE: exponent α of the similarity weights")
     add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the training size)")
-    add("--latent-dim", type=int, default=512, help="latent size when no config.json says it")
-    add("--batch-size", type=int, default=128)
-    add("--workers", type=int, default=2)
-    add("--device", default="auto")
+    add("--latent-dim", type=int, default=ModelSource.latent_dim, help="latent size when no config.json says it")
+    add("--batch-size", type=int, default=EmbeddingOptions.batch_size)
+    add("--workers", type=int, default=EmbeddingOptions.workers)
+    add("--device", default=EmbeddingOptions.device)
     add("--no-cache", action="store_true", help="always extract features, never read or write the .npz cache")
     add("--corrupt", metavar="all|NAME[,NAME...]",
         help="also evaluate with Market-1501-C corruptions: each query and gallery image gets one of these, drawn "
@@ -151,10 +227,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_model_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse eval.py's or topk.py's flags (both spellings), requiring a model: --all-dir or the part folders."""
+    """Parse eval.py's or topk.py's flags (both spellings), requiring a model: --result-dir or the part folders."""
     args = parser.parse_args(normalise_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
-    if args.all_dir is None and args.backbone_dir is None:
-        parser.error("give --all-dir RESULT_DIR, or --backbone_dir and --ae_dir")
+    if args.result_dir is None and args.backbone_dir is None:
+        parser.error("give --result-dir RESULT_DIR, or --backbone_dir and --ae_dir")
     for flag, value in (("--k1", args.k1), ("--k2", args.k2), ("--aqe-k", args.aqe_k)):
         if value < 1:
             parser.error(f"{flag} {value}: expected a positive number of neighbours")
@@ -200,11 +276,11 @@ def training_root(result: ResultDir | None) -> Path | None:
     return None if result is None else Path(result.flags["data"])
 
 
-def dataset_root(args: argparse.Namespace, result: ResultDir | None) -> Path:
+def dataset_root(data: SplitSource, result: ResultDir | None) -> Path:
     """The prepared root to evaluate on, checked to hold the split's manifest: --dataset-dir, else the training
     run's --data."""
-    if args.dataset_dir is not None:
-        root, source = Path(args.dataset_dir), "--dataset-dir"
+    if data.dataset_dir is not None:
+        root, source = Path(data.dataset_dir), "--dataset-dir"
         hint = "expected a root written by prepare.py --out, not a raw Market-1501 folder"
     else:
         root = training_root(result)
@@ -212,7 +288,7 @@ def dataset_root(args: argparse.Namespace, result: ResultDir | None) -> Path:
             raise UserError("--dataset-dir: needed when the model folder has no config.json naming its data")
         source = f"the training data named in {result.config_path}:"
         hint = "a relative path there is read from the current folder; give --dataset-dir PREPARED_ROOT"
-    manifest = manifest_path(root, args.split)
+    manifest = manifest_path(root, data.split)
     if not manifest.is_file():
         raise UserError(f"{source} {root}: no split manifest {manifest} ({hint})")
     return root
@@ -224,44 +300,46 @@ def is_cross_domain(result: ResultDir | None, prepared: Path) -> bool:
     return trained is not None and trained.resolve() != prepared.resolve()
 
 
-def data_provenance(args: argparse.Namespace, result: ResultDir | None, prepared: Path) -> dict:
+def data_provenance(data: SplitSource, result: ResultDir | None, prepared: Path) -> dict:
     """Both data sets a result depends on: the training root (name, format, manifest hashes from config.json) and
     the evaluated root (name, format, split, manifest hash)."""
     trained = None
     if result is not None:
         trained = {**(result.config.get("dataset") or dataset_identity(result.flags["data"])),
                    "manifests": result.config.get("manifests")}
-    manifest = manifest_path(prepared, args.split)
-    evaluated = {**dataset_identity(prepared), "split": args.split, "manifest": str(manifest),
+    manifest = manifest_path(prepared, data.split)
+    evaluated = {**dataset_identity(prepared), "split": data.split, "manifest": str(manifest),
                  "sha256": sha256_file(manifest)}
     return {"trained_on": trained, "evaluated_on": evaluated, "cross_domain": is_cross_domain(result, prepared)}
 
 
-def result_folder(args: argparse.Namespace, result: ResultDir | None, name: str) -> Path:
+def result_folder(options: EvaluationOptions, result: ResultDir | None, name: str) -> Path:
     """RESULT_DIR/<name> beside the model: <name>_<data set name> on another root than the training one, then
     _<split> for splits other than test."""
-    base = args.all_dir or (args.backbone_dir if Path(args.backbone_dir).is_dir() else Path(args.backbone_dir).parent)
-    if args.dataset_dir is not None and is_cross_domain(result, Path(args.dataset_dir)):
-        name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(args.dataset_dir)['name'])}"
-    return Path(base) / (name if args.split == "test" else f"{name}_{args.split}")
+    source, data = options.model, options.data
+    parts = Path(source.backbone_dir) if source.backbone_dir is not None else None
+    base = source.result_dir or (parts if parts.is_dir() else parts.parent)
+    if data.dataset_dir is not None and is_cross_domain(result, Path(data.dataset_dir)):
+        name = f"{name}_{FOLDER_UNSAFE.sub('-', dataset_identity(data.dataset_dir)['name'])}"
+    return Path(base) / (name if data.split == "test" else f"{name}_{data.split}")
 
 
-def output_dir(args: argparse.Namespace, result: ResultDir | None) -> Path:
+def output_dir(options: EvaluationOptions, result: ResultDir | None) -> Path:
     """Where eval.py's results and feature cache go: --out, else RESULT_DIR/eval (eval_<data set> cross-domain)."""
-    return args.out if args.out is not None else result_folder(args, result, "eval")
+    return options.out if options.out is not None else result_folder(options, result, "eval")
 
 
-def ranking_distances(found: dict[str, np.ndarray], args: argparse.Namespace,
+def ranking_distances(found: dict[str, np.ndarray], ranking: RankingOptions,
                       device: torch.device | None = None) -> np.ndarray:
-    """Query × gallery distances by --metric, after --aqe's query expansion, re-ranked when --rerank; the
+    """Query × gallery distances by the metric, after query expansion when asked, re-ranked when asked; the
     expansion and re-ranking run on `device`."""
     qf, gf = found["qf"], found["gf"]
-    if args.aqe:
-        qf, gf = average_query_expansion(qf, gf, k=args.aqe_k, alpha=args.aqe_alpha, device=device)
-    if args.rerank:
-        return re_ranking_features(qf, gf, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
-                                   metric=args.metric, device=device, progress=True)
-    return embedding_distance(torch.from_numpy(qf), torch.from_numpy(gf), args.metric).numpy()
+    if ranking.aqe:
+        qf, gf = average_query_expansion(qf, gf, k=ranking.aqe_k, alpha=ranking.aqe_alpha, device=device)
+    if ranking.rerank:
+        return re_ranking_features(qf, gf, k1=ranking.k1, k2=ranking.k2, lambda_value=ranking.lambda_value,
+                                   metric=ranking.metric, device=device, progress=True)
+    return embedding_distance(torch.from_numpy(qf), torch.from_numpy(gf), ranking.metric).numpy()
 
 
 @dataclass
@@ -288,39 +366,41 @@ def corruption_file_tag(corruption: CorruptionSettings | None) -> str:
     return f"_c-{names.replace(',', '+')}_s-{severities[2:].replace(',', '+')}_seed-{seed[5:]}"
 
 
-def cached_features(args: argparse.Namespace, model: ReIDModel, settings: dict, prepared: Path, cache_dir: Path,
-                    flip: bool,
-                    corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
-    """The split's features, cached as features_<split>[_flip][_c-...].npz in `cache_dir` unless --no-cache."""
-    name = f"features_{args.split}{'_flip' if flip else ''}{corruption_file_tag(corruption)}.npz"
-    cache = None if args.no_cache else cache_dir / name
-    return split_features(model, settings, prepared, args.split, flip, cache, args.batch_size,
-                          args.workers, corruption)
+def cached_features(options: EvaluationOptions, model: ReIDModel, settings: dict, prepared: Path, cache_dir: Path,
+                    flip: bool, corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
+    """The split's features, cached as features_<split>[_flip][_c-...].npz in `cache_dir` unless the cache is off."""
+    split, embedding = options.data.split, options.embedding
+    name = f"features_{split}{'_flip' if flip else ''}{corruption_file_tag(corruption)}.npz"
+    cache = cache_dir / name if embedding.cache else None
+    return split_features(model, settings, prepared, split, flip, cache, embedding.batch_size, embedding.workers,
+                          corruption)
 
 
-def prepare_evaluation(args: argparse.Namespace, result: ResultDir | None, cache_dir: Path,
+def prepare_evaluation(options: EvaluationOptions, result: ResultDir | None, cache_dir: Path,
                        corruption: CorruptionSettings | None = None) -> EvaluationInputs:
     """Load the model (described by trained_result's `result`), embed the split (or read the cache in `cache_dir`)
     and compute the ranking distances; with `corruption`, of the corrupted split."""
-    settings = model_settings(args, result)
-    prepared, device = dataset_root(args, result), resolve_device(args.device)
+    settings = model_settings(options.model, result)
+    prepared, device = dataset_root(options.data, result), resolve_device(options.embedding.device)
     model = build_trained(settings, device)
-    found = cached_features(args, model, settings, prepared, cache_dir, args.flip, corruption)
-    return EvaluationInputs(settings, prepared, model, device, found, ranking_distances(found, args, device))
+    found = cached_features(options, model, settings, prepared, cache_dir, options.embedding.flip, corruption)
+    return EvaluationInputs(settings, prepared, model, device, found,
+                            ranking_distances(found, options.ranking, device))
 
 
-def corrupted_evaluation(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
+def corrupted_evaluation(inputs: EvaluationInputs, options: EvaluationOptions, cache_dir: Path,
                          corruption: CorruptionSettings) -> EvaluationInputs:
     """The same model and split with the images corrupted by `corruption`: its features (cached) and distances."""
-    found = cached_features(args, inputs.model, inputs.settings, inputs.prepared, cache_dir, args.flip, corruption)
+    found = cached_features(options, inputs.model, inputs.settings, inputs.prepared, cache_dir,
+                            options.embedding.flip, corruption)
     return EvaluationInputs(inputs.settings, inputs.prepared, inputs.model, inputs.device, found,
-                            ranking_distances(found, args, inputs.device))
+                            ranking_distances(found, options.ranking, inputs.device))
 
 
-def unaugmented_features(inputs: EvaluationInputs, args: argparse.Namespace, cache_dir: Path,
+def unaugmented_features(inputs: EvaluationInputs, options: EvaluationOptions, cache_dir: Path,
                          corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
     """The split's features (of the images corrupted by `corruption`, as `inputs` were) without test-time flipping,
     as the Siamese head is scored and ranks."""
-    if not args.flip:
+    if not options.embedding.flip:
         return inputs.found
-    return cached_features(args, inputs.model, inputs.settings, inputs.prepared, cache_dir, False, corruption)
+    return cached_features(options, inputs.model, inputs.settings, inputs.prepared, cache_dir, False, corruption)

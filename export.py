@@ -1,7 +1,7 @@
 """Export a trained model's embedding network to ONNX, checked against torch with onnxruntime on real images.
 
-python export.py --all-dir runs/demo --out runs/demo/model.onnx
-python export.py --all-dir runs/demo --out model.onnx --images my_crops/
+python export.py --result-dir runs/demo --out runs/demo/model.onnx
+python export.py --result-dir runs/demo --out model.onnx --images my_crops/
 
 The network takes float32 N×3×H×W images at the model's size, normalised with ImageNet statistics (any N), and
 returns the embedding as ReIDModel.embed does. The file is written only when onnxruntime's embeddings of a batch
@@ -24,7 +24,7 @@ from torch import nn
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from embedding import ImageList
-from gallery import list_images
+from folder_search import list_images
 from model import ReIDModel, build_trained, result_settings
 from resultdir import ResultDir
 from utils import (
@@ -103,7 +103,7 @@ def default_images(result: ResultDir, flag: str) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     """export.py's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--result-dir", "--all-dir", dest="all_dir", type=Path, required=True,
+    parser.add_argument("--result-dir", "--all-dir", dest="result_dir", type=Path, required=True,
                         help="a result directory of train.py")
     parser.add_argument("--out", type=Path, help="the ONNX file (default RESULT_DIR/model.onnx)")
     parser.add_argument("--images", nargs="+", help="image files or folders to check with (default: the training "
@@ -126,10 +126,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    out = args.out if args.out is not None else args.all_dir / "model.onnx"
-    if not args.all_dir.is_dir():
-        raise UserError(f"--all-dir {args.all_dir}: no such folder (expected a result directory of train.py)")
-    result = ResultDir(args.all_dir)
+    out = args.out if args.out is not None else args.result_dir / "model.onnx"
+    if not args.result_dir.is_dir():
+        raise UserError(f"--result-dir {args.result_dir}: no such folder (expected a result directory of train.py)")
+    result = ResultDir(args.result_dir)
     model = build_trained(result_settings(result), "cpu")
     paths = list_images(args.images, "--images") if args.images else default_images(result, "--images")
     images = check_batch(paths[:args.check_images], model.img_size)

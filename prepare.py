@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from datasets import manifest_path, records_to_rows, seed_split, split_validation_ids
+from datasets import all_vs_all_split, manifest_path, records_to_rows, split_validation_ids
 from layouts import (
     CUHK03_SUBSETS,
     FORMATS,
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training identities held out for validation (default 0, the standard protocol: every "
                         "identity of bounding_box_train trains and train.py keeps the last epoch; with N, train.py "
                         "validates on them and keeps the best epoch)")
-    parser.add_argument("--test-share", type=float, default=0.6, help="the seed split's share of images for test")
+    parser.add_argument("--test-share", type=float, default=0.6, help="the all-vs-all split's share of images for test")
     parser.add_argument("--seed", type=int, default=0)
     synth = parser.add_argument_group("synthetic set (sizes default to the preset's)")
     synth.add_argument("--preset", choices=tuple(PRESETS), default="default",
@@ -219,21 +219,22 @@ def split_manifests(placed: dict[str, list[ImageRecord]], out: Path, val_ids: in
                     seed: int) -> tuple[dict[str, dict], dict[str, str]]:
     """Every split's manifest from the placed parts, and the summary's line for each."""
     train, val_query, val_gallery = split_validation_ids(placed["train"], val_ids, seed)
-    seed_test, seed_val, left_out = seed_split(placed["gallery"], test_share, seed)
+    all_test, all_val, left_out = all_vs_all_split(placed["gallery"], test_share, seed)
     manifests = {
         "train": {"images": records_to_rows(train, out), "num_classes": len({r.pid for r in train})},
         "val": {"query": records_to_rows(val_query, out), "gallery": records_to_rows(val_gallery, out),
                 "protocol": "query-gallery"},
         "test": {"query": records_to_rows(without_labels(placed["query"]), out),
                  "gallery": records_to_rows(without_labels(placed["gallery"]), out), "protocol": "query-gallery"},
-        "seed_test": {"query": records_to_rows(seed_test, out), "gallery": records_to_rows(seed_test, out),
-                      "protocol": "all-vs-all"},
-        "seed_val": {"query": records_to_rows(seed_val, out), "gallery": records_to_rows(seed_val, out),
-                     "protocol": "all-vs-all", "left_out_ids": left_out},
+        "all_vs_all_test": {"query": records_to_rows(all_test, out), "gallery": records_to_rows(all_test, out),
+                            "protocol": "all-vs-all"},
+        "all_vs_all_val": {"query": records_to_rows(all_val, out), "gallery": records_to_rows(all_val, out),
+                           "protocol": "all-vs-all", "left_out_ids": left_out},
     }
     lines = {"train": describe(train), "val query": describe(val_query), "val gallery": describe(val_gallery),
              "test query": describe(placed["query"]), "test gallery": describe(placed["gallery"]),
-             "seed_test": describe(seed_test), "seed_val": describe(seed_val), "seed_val left out ids": len(left_out)}
+             "all_vs_all_test": describe(all_test), "all_vs_all_val": describe(all_val),
+             "all_vs_all_val left out ids": len(left_out)}
     return manifests, lines
 
 
@@ -262,8 +263,8 @@ def log_summary(summary: dict, out: Path) -> None:
     """Print what prepare.py wrote: the data set, each split's counts, published counts, unreadable images."""
     LOG.info("prepared %s from %s (%s, seed %d, %d validation ids)", out, summary["raw"], summary["name"],
              summary["seed"], summary["val_ids"])
-    for key in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test", "seed_val"):
-        LOG.info("  %-13s %s", key, summary[key])
+    for key in ("train", "val query", "val gallery", "test query", "test gallery", "all_vs_all_test", "all_vs_all_val"):
+        LOG.info("  %-15s %s", key, summary[key])
     published = summary["published"]
     if published is not None and published["looks_complete"]:
         LOG.info("  found beside the published counts (identities, images, cameras):")

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from corruptions import CorruptionSettings
-from eval_inputs import EvaluationInputs, corruption_settings, ranking_distances, split_features
+from eval_inputs import EvaluationInputs, EvaluationOptions, corruption_settings, ranking_distances, split_features
 from metrics import rank_split
 from utils import LOG, atomic_write_bytes, save_figure, write_json
 
@@ -35,22 +34,24 @@ def side_by_side(clean: dict, corrupted: dict, key: str) -> str:
     return "\n".join(lines)
 
 
-def corrupted_summary(inputs: EvaluationInputs, args: argparse.Namespace, corruption: CorruptionSettings,
-                      **options) -> dict:
+def corrupted_summary(inputs: EvaluationInputs, options: EvaluationOptions, corruption: CorruptionSettings,
+                      **rank_options) -> dict:
     """The split evaluated with its images corrupted by `corruption` (features not cached: a grid has many)."""
-    found = split_features(inputs.model, inputs.settings, inputs.prepared, args.split, args.flip, None,
-                           args.batch_size, args.workers, corruption)
-    distances = ranking_distances(found, args, inputs.device)
-    return ranking_summary(rank_split(distances, found, args.split, inputs.prepared, **options))
+    split, embedding = options.data.split, options.embedding
+    found = split_features(inputs.model, inputs.settings, inputs.prepared, split, embedding.flip, None,
+                           embedding.batch_size, embedding.workers, corruption)
+    distances = ranking_distances(found, options.ranking, inputs.device)
+    return ranking_summary(rank_split(distances, found, split, inputs.prepared, **rank_options))
 
 
-def robustness_grid(inputs: EvaluationInputs, args: argparse.Namespace, names: tuple[str, ...],
-                    severities: tuple[int, ...], seed: int, **options) -> dict[str, dict[str, dict]]:
+def robustness_grid(inputs: EvaluationInputs, options: EvaluationOptions, names: tuple[str, ...],
+                    severities: tuple[int, ...], seed: int, **rank_options) -> dict[str, dict[str, dict]]:
     """Every corruption × severity evaluated on its own: grid[name][str(severity)] = ranking summary."""
     grid: dict[str, dict[str, dict]] = {name: {} for name in names}
     cells = [(name, s) for name in names for s in severities]
     for name, s in tqdm(cells, desc="corruption grid", unit="cell"):
-        grid[name][str(s)] = corrupted_summary(inputs, args, CorruptionSettings((name,), (s,), seed), **options)
+        cell = CorruptionSettings((name,), (s,), seed)
+        grid[name][str(s)] = corrupted_summary(inputs, options, cell, **rank_options)
     return grid
 
 
@@ -91,16 +92,17 @@ def plot_grid(grid: dict[str, dict[str, dict]], clean_map: float, path: Path, ti
     save_figure(fig, path)
 
 
-def grid_settings(args: argparse.Namespace) -> CorruptionSettings:
+def grid_settings(corruption: CorruptionSettings | None, severity: str, seed: int) -> CorruptionSettings:
     """The grid's corruptions and severities: --corrupt's names (default all) and --severity's severities."""
-    return args.corruption or corruption_settings("all", args.severity, args.corrupt_seed)
+    return corruption or corruption_settings("all", severity, seed)
 
 
-def write_grid(inputs: EvaluationInputs, args: argparse.Namespace, clean: dict, out: Path, **options) -> dict:
-    """Run the grid over grid_settings' corruptions × severities, and write its three files."""
-    chosen = grid_settings(args)
-    grid = robustness_grid(inputs, args, chosen.names, chosen.severities, chosen.seed, **options)
-    title = f"{inputs.settings['backbone']} + {inputs.settings['ae']} on {args.split}, mAP (%) a corruption × severity"
+def write_grid(inputs: EvaluationInputs, options: EvaluationOptions, chosen: CorruptionSettings, clean: dict,
+               out: Path, **rank_options) -> dict:
+    """Run the grid over `chosen`'s corruptions × severities, and write its three files."""
+    grid = robustness_grid(inputs, options, chosen.names, chosen.severities, chosen.seed, **rank_options)
+    split = options.data.split
+    title = f"{inputs.settings['backbone']} + {inputs.settings['ae']} on {split}, mAP (%) a corruption × severity"
     write_json(out / "robustness.json", {"clean": clean, "seed": chosen.seed, "grid": grid})
     atomic_write_bytes(out / "robustness.md", grid_markdown(grid, clean["mAP"], title).encode())
     plot_grid(grid, clean["mAP"], out / "robustness.png", title)

@@ -1,9 +1,9 @@
 """Ranked gallery images for queries: one grid a query, ranks.csv and an index.html to look at them.
 
-python topk.py --all-dir runs/demo                           # 8 random queries, in runs/demo/topk/
-python topk.py --all-dir runs/demo --queries worst:10 --show-removed
-python topk.py --all-dir runs/demo --score verifier --queries 0003_c1s1_000002_00.jpg
-python topk.py --all-dir runs/demo --corrupt all     # ranked and shown as the model saw them, Market-1501-C corrupted
+python topk.py --result-dir runs/demo                           # 8 random queries, in runs/demo/topk/
+python topk.py --result-dir runs/demo --queries worst:10 --show-removed
+python topk.py --result-dir runs/demo --score verifier --queries 0003_c1s1_000002_00.jpg
+python topk.py --result-dir runs/demo --corrupt all     # ranked as the model saw them, Market-1501-C corrupted
 
 It ranks exactly as eval.py does (same features, cache, metric, re-ranking and protocol), so a grid shows what
 eval.py counted: gallery images of the query's person seen by the query's camera, and junk, are left out.
@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import eval_inputs
-import gallery
+import folder_search
 from corruptions import GALLERY_SIDE, QUERY_SIDE, CorruptionSettings, corrupted_image, corruption_draw
 from datasets import load_image
 from metrics import protocol_masks, rank_split
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --gallery, image files or folders of them")
     parser.add_argument("--gallery", type=Path,
                         help="search a plain folder of images (recursively, any extension PIL reads), not a split")
-    parser.add_argument("--index", choices=gallery.INDEXES, default="exact",
+    parser.add_argument("--index", choices=folder_search.INDEXES, default="exact",
                         help="with --gallery: exact torch search in chunks, a faiss exact index, or faiss IVF "
                         "(approximate)")
     parser.add_argument("--faiss-nlist", type=int, default=1024, help="faiss-ivf: inverted lists (cells)")
@@ -210,13 +210,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ranking(inputs: eval_inputs.EvaluationInputs, args: argparse.Namespace, cache_dir: Path) -> np.ndarray:
+def ranking(inputs: eval_inputs.EvaluationInputs, args: argparse.Namespace, options: eval_inputs.EvaluationOptions,
+            cache_dir: Path) -> np.ndarray:
     """Query × gallery distances to rank by: eval.py's, or 1 − the Siamese head's probability."""
     if args.score == "distance":
         return inputs.distances
     if "classifier" not in inputs.settings["files"]:
-        raise UserError("--score verifier: needs the Siamese head (classifier.pt in --all-dir, or --classifier_dir)")
-    plain = eval_inputs.unaugmented_features(inputs, args, cache_dir, args.corruption)
+        raise UserError("--score verifier: needs the Siamese head (classifier.pt in --result-dir, or --classifier_dir)")
+    plain = eval_inputs.unaugmented_features(inputs, options, cache_dir, args.corruption)
     return 1.0 - verifier_probabilities(inputs.model, plain["qf"], plain["gf"], inputs.device)
 
 
@@ -234,13 +235,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def split_topk(args: argparse.Namespace) -> dict:
     """Grids, ranks.csv and index.html for queries of a prepared split, ranked as eval.py ranks."""
-    result_dir = eval_inputs.trained_result(args)
-    out = args.out if args.out is not None else eval_inputs.result_folder(args, result_dir, "topk")
+    options = eval_inputs.evaluation_options(args)
+    result_dir = eval_inputs.trained_result(options.model)
+    out = args.out if args.out is not None else eval_inputs.result_folder(options, result_dir, "topk")
     # eval.py's cache: its features are reused when they match
-    cache_dir = eval_inputs.result_folder(args, result_dir, "eval")
-    inputs = eval_inputs.prepare_evaluation(args, result_dir, cache_dir, args.corruption)
+    cache_dir = eval_inputs.result_folder(options, result_dir, "eval")
+    inputs = eval_inputs.prepare_evaluation(options, result_dir, cache_dir, args.corruption)
     found, prepared = inputs.found, inputs.prepared
-    distances = ranking(inputs, args, cache_dir)
+    distances = ranking(inputs, args, options, cache_dir)
     result = rank_split(distances, found, args.split, prepared)
     chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
     score_name = "distance" if args.score == "distance" else "probability"
@@ -281,7 +283,7 @@ def split_topk(args: argparse.Namespace) -> dict:
                                          if args.show_removed else "."))
     write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", score_name, "match", "removed"], title,
                  summary, entries)
-    report = config_record(args, model=settings, data=eval_inputs.data_provenance(args, result_dir, prepared),
+    report = config_record(args, model=settings, data=eval_inputs.data_provenance(options.data, result_dir, prepared),
                            mAP=result["mAP"], rank1=float(result["cmc"][0]), queries=entries)
     write_json(out / "topk.json", report)
     LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
@@ -296,9 +298,9 @@ def split_topk(args: argparse.Namespace) -> dict:
 def folder_side(model: ReIDModel, settings: dict, files: list[Path], args: argparse.Namespace,
                 cache: Path | None) -> dict:
     """Embeddings, display names, resolved paths and Market labels of the readable files of one side."""
-    found = gallery.gallery_features(model, settings, files, cache, args.batch_size, args.workers, args.flip)
+    found = folder_search.gallery_features(model, settings, files, cache, args.batch_size, args.workers, args.flip)
     kept = [Path(f) for f in found["files"]]
-    pids, cams = gallery.market_labels(kept)
+    pids, cams = folder_search.market_labels(kept)
     return {"features": found["features"], "names": [str(f) for f in kept], "pids": pids, "cams": cams,
             "files": np.array([str(f.resolve()) for f in kept]), "unreadable": found["unreadable"].tolist()}
 
@@ -306,15 +308,15 @@ def folder_side(model: ReIDModel, settings: dict, files: list[Path], args: argpa
 def folder_ranking(query: dict, side: dict, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery indices and distances of every query by --index."""
     if args.index == "exact":
-        return gallery.exact_topk(query, side, args.k, args.metric)
-    index = gallery.faiss_index(side["features"], args.metric, args.index, args.faiss_nlist, args.faiss_nprobe)
-    return gallery.faiss_topk(index, query, side, args.k, args.metric)
+        return folder_search.exact_topk(query, side, args.k, args.metric)
+    index = folder_search.faiss_index(side["features"], args.metric, args.index, args.faiss_nlist, args.faiss_nprobe)
+    return folder_search.faiss_topk(index, query, side, args.k, args.metric)
 
 
 def folder_grid(query: dict, side: dict, q: int, top_i: np.ndarray, top_d: np.ndarray, img_size: tuple[int, int],
                 out: Path) -> tuple[list[dict], dict]:
     """One query's grid (saved) with its ranks.csv rows and index entry; truth frames only where both are labelled."""
-    q_pid, q_cam, q_labelled = query["pids"][q], query["cams"][q], query["pids"][q] != gallery.UNLABELLED
+    q_pid, q_cam, q_labelled = query["pids"][q], query["cams"][q], query["pids"][q] != folder_search.UNLABELLED
     label = f"Q {q_pid} c{q_cam}" if q_labelled else "Q"
     tiles = [tile(load_image(query["files"][q]), COLOURS["query"], [label, Path(query["names"][q]).stem], img_size)]
     rows = []
@@ -322,13 +324,14 @@ def folder_grid(query: dict, side: dict, q: int, top_i: np.ndarray, top_d: np.nd
         if g < 0:
             break
         pid, cam = int(side["pids"][g]), int(side["cams"][g])
-        known = q_labelled and pid != gallery.UNLABELLED
+        known = q_labelled and pid != folder_search.UNLABELLED
         match = known and pid == q_pid and pid > 0
         colour = COLOURS["match" if match else "mismatch"] if known else COLOURS["unknown"]
-        head = f"#{rank} {pid} c{cam}" if pid != gallery.UNLABELLED else f"#{rank}"
+        head = f"#{rank} {pid} c{cam}" if pid != folder_search.UNLABELLED else f"#{rank}"
         tiles.append(tile(load_image(side["files"][g]), colour, [head, f"d {dist:.3f}"], img_size))
         rows.append({"query": query["names"][q], "rank": rank, "gallery": side["names"][g],
-                     "pid": "" if pid == gallery.UNLABELLED else pid, "camid": "" if cam == gallery.UNLABELLED else cam,
+                     "pid": "" if pid == folder_search.UNLABELLED else pid,
+                     "camid": "" if cam == folder_search.UNLABELLED else cam,
                      "distance": f"{dist:.6f}", "match": int(match) if known else ""})
     grid_name = f"grids/{q:04d}_{Path(query['names'][q]).stem}.png"
     save_image(grid(tiles), out / grid_name)
@@ -338,15 +341,16 @@ def folder_grid(query: dict, side: dict, q: int, top_i: np.ndarray, top_d: np.nd
 
 def folder_topk(args: argparse.Namespace) -> dict:
     """Search --gallery with --queries: grids, ranks.csv, index.html and topk.json; the gallery is cached."""
-    result_dir = eval_inputs.trained_result(args)
-    settings = eval_inputs.model_settings(args, result_dir)
+    options = eval_inputs.evaluation_options(args)
+    result_dir = eval_inputs.trained_result(options.model)
+    settings = eval_inputs.model_settings(options.model, result_dir)
     model = build_trained(settings, resolve_device(args.device))
-    out = args.out if args.out is not None else eval_inputs.result_folder(args, result_dir, "search")
-    gallery_files = gallery.list_images([args.gallery], "--gallery")
+    out = args.out if args.out is not None else eval_inputs.result_folder(options, result_dir, "search")
+    gallery_files = folder_search.list_images([args.gallery], "--gallery")
     folder_name = hashlib.sha256(str(args.gallery.resolve()).encode()).hexdigest()[:12]
     side = folder_side(model, settings, gallery_files, args,
                        None if args.no_cache else out / f"gallery_{folder_name}.npz")
-    query = folder_side(model, settings, gallery.list_images(args.queries, "--queries"), args, None)
+    query = folder_side(model, settings, folder_search.list_images(args.queries, "--queries"), args, None)
     if not len(side["files"]) or not len(query["files"]):
         raise UserError(f"--gallery {args.gallery} / --queries: no readable images to rank")
     top_i, top_d = folder_ranking(query, side, args)

@@ -37,7 +37,6 @@ from datasets import (
     load_train_records,
     manifest_path,
 )
-from decoded import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from degradations import to_pixels
 from globalbatch import batch_record, has_sync_batch_norm, sync_batch_norm
 from layouts import ImageRecord
@@ -61,6 +60,7 @@ from model import (
 from precision import LossScaler, autocast_dtype, has_native_bf16
 from recipes import given_flags, with_recipe
 from resultdir import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, part_file, save_parts
+from tensor_loader import LOADERS, DecodedTrainLoader, evaluation_loader, training_loader
 from trainstep import (
     LossRead,
     StepOptions,

@@ -1,7 +1,7 @@
 """The cost of a Market-1501-C corrupted evaluation against the clean one, measured in the same run.
 
-python bench/corrupt_eval.py --all-dir runs/demo               # the demo's test split, --corrupt all
-python bench/corrupt_eval.py --all-dir runs/demo --workers 0   # corruption in the main process
+python bench/corrupt_eval.py --result-dir runs/demo               # the demo's test split, --corrupt all
+python bench/corrupt_eval.py --result-dir runs/demo --workers 0   # corruption in the main process
 
 Both evaluations extract every query and gallery feature (no cache) and rank them; the corrupted one also draws
 and applies a corruption per image in the loader. Also printed: each corruption's time per image at the split's
@@ -28,14 +28,15 @@ from model import build_trained  # noqa: E402
 from utils import resolve_device  # noqa: E402
 
 
-def timed_evaluation(inputs: eval_inputs.EvaluationInputs, args: argparse.Namespace,
+def timed_evaluation(inputs: eval_inputs.EvaluationInputs, options: eval_inputs.EvaluationOptions,
                      corruption: CorruptionSettings | None) -> tuple[float, float]:
     """Seconds to extract and rank the split (clean or corrupted), and the mAP."""
     start = time.perf_counter()
-    found = eval_inputs.split_features(inputs.model, inputs.settings, inputs.prepared, args.split, False, None,
-                                    args.batch_size, args.workers, corruption)
-    distances = eval_inputs.ranking_distances(found, args, inputs.device)
-    result = rank_split(distances, found, args.split, inputs.prepared)
+    split, embedding = options.data.split, options.embedding
+    found = eval_inputs.split_features(inputs.model, inputs.settings, inputs.prepared, split, False, None,
+                                       embedding.batch_size, embedding.workers, corruption)
+    distances = eval_inputs.ranking_distances(found, options.ranking, inputs.device)
+    result = rank_split(distances, found, split, inputs.prepared)
     return time.perf_counter() - start, float(result["mAP"])
 
 
@@ -59,15 +60,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="images for the per-corruption times")
     args = eval_inputs.parse_model_args(parser, None)
     corruption = args.corruption or CorruptionSettings(seed=args.corrupt_seed)
-    result_dir = eval_inputs.trained_result(args)
-    settings = eval_inputs.model_settings(args, result_dir)
-    prepared, device = eval_inputs.dataset_root(args, result_dir), resolve_device(args.device)
+    options = eval_inputs.evaluation_options(args)
+    result_dir = eval_inputs.trained_result(options.model)
+    settings = eval_inputs.model_settings(options.model, result_dir)
+    prepared, device = eval_inputs.dataset_root(options.data, result_dir), resolve_device(args.device)
     model = build_trained(settings, device)
     inputs = eval_inputs.EvaluationInputs(settings, prepared, model, device, {}, np.empty(0))
     with torch.no_grad():  # warm-up: the first batches run slow on CPU
         model.embed(torch.zeros(args.batch_size, 3, *settings["img_size"], device=device))
-    clean_s, clean_map = timed_evaluation(inputs, args, None)
-    corrupt_s, corrupt_map = timed_evaluation(inputs, args, corruption)
+    clean_s, clean_map = timed_evaluation(inputs, options, None)
+    corrupt_s, corrupt_map = timed_evaluation(inputs, options, corruption)
     query, gallery = load_eval_records(prepared, args.split)
     print(f"{settings['backbone']} + {settings['ae']} on {args.split}: {len(query)} queries + {len(gallery)} gallery, "
           f"batch {args.batch_size}, {args.workers} loader workers, {device}")

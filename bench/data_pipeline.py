@@ -7,7 +7,7 @@ python bench/data_pipeline.py --preset hard      # another preset of synthetic.p
 
 The training loader is timed over the same P×K batches at --img-size (default 256×128) both ways: `pil`, the
 images decoded and augmented one by one in --workers processes (train_loader), and `batched`, the set decoded once
-into one uint8 tensor (decoded.decode_records, its seconds reported apart) and augmented a batch at a time in as
+into one uint8 tensor (tensor_loader.decode_records, its seconds reported apart) and augmented a batch at a time in as
 many torch threads. The two take turns for --rounds rounds (default 3; each round starts with the other one, as the
 host's speed drifts); each figure is its median round, the ratio the median of the rounds' ratios. Besides images/s
 it reports CPU seconds an image (the processes' user + system time, workers included), which a busy shared machine
@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import PKSampler, ReIDDataset, build_transforms, load_image, train_loader  # noqa: E402
-from decoded import DecodedTrainLoader, decode_records  # noqa: E402
 from layouts import load_market  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
 from synthetic import PRESETS, preset_config, write_synthetic  # noqa: E402
+from tensor_loader import DecodedTrainLoader, decode_records  # noqa: E402
 from utils import rotated, write_json  # noqa: E402
 
 

@@ -1,9 +1,9 @@
 """Evaluation time on a trained model: embedding a split's query and gallery, then ranking them, plain and re-ranked.
 
-python bench/eval_timing.py --all-dir runs/X --device cuda --workers 12 --json F
-python bench/eval_timing.py --all-dir runs/demo                     # CPU, the demo's test split
+python bench/eval_timing.py --result-dir runs/X --device cuda --workers 12 --json F
+python bench/eval_timing.py --result-dir runs/demo                     # CPU, the demo's test split
 
-Every flag but --json and --passes goes to eval.py's parser (--all-dir, --split, --flip, --batch-size, --workers,
+Every flag but --json and --passes goes to eval.py's parser (--result-dir, --split, --flip, --batch-size, --workers,
 --device, --k1, ...). The split is embedded --passes times with no cache (the first pass pays the loader's and the
 device's start-up, the last is the steady figure), then ranked by eval.py's path twice: the plain distances and
 k-reciprocal re-ranking, each followed by the Market-1501 protocol. Times are wall-clock seconds, the device's
@@ -13,6 +13,7 @@ queue drained at both ends of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
-from eval_inputs import dataset_root, model_settings, ranking_distances, split_features, trained_result  # noqa: E402
+from eval_inputs import (  # noqa: E402
+    dataset_root,
+    evaluation_options,
+    model_settings,
+    ranking_distances,
+    split_features,
+    trained_result,
+)
 from metrics import rank_split  # noqa: E402
 from model import build_trained  # noqa: E402
 from utils import resolve_device, run_script, setup_logging, versions  # noqa: E402
@@ -46,8 +54,9 @@ def timed(call: Callable[[], T], device: torch.device) -> tuple[T, float]:
 
 def measure(args: argparse.Namespace, passes: int) -> dict:
     """Embedding passes, then plain and re-ranked ranking, on the flags' model, split and device."""
-    result_dir = trained_result(args)
-    settings, prepared = model_settings(args, result_dir), dataset_root(args, result_dir)
+    options = evaluation_options(args)
+    result_dir = trained_result(options.model)
+    settings, prepared = model_settings(options.model, result_dir), dataset_root(options.data, result_dir)
     device = resolve_device(args.device)
     model = build_trained(settings, device)
     embeds = []
@@ -58,8 +67,8 @@ def measure(args: argparse.Namespace, passes: int) -> dict:
     images = len(found["qf"]) + len(found["gf"])
     ranking = {}
     for rerank in (False, True):
-        options = argparse.Namespace(**{**vars(args), "rerank": rerank})
-        distances, distance_s = timed(lambda o=options: ranking_distances(found, o, device), device)
+        chosen = dataclasses.replace(options.ranking, rerank=rerank)
+        distances, distance_s = timed(lambda o=chosen: ranking_distances(found, o, device), device)
         result, protocol_s = timed(lambda d=distances: rank_split(d, found, args.split, prepared), device)
         ranking["re-ranked" if rerank else "plain"] = {
             "distances_s": distance_s, "protocol_s": protocol_s, "mAP": result["mAP"], "rank1": result["cmc"][0]}

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gallery  # noqa: E402
+import folder_search  # noqa: E402
 from utils import write_json  # noqa: E402
 
 
@@ -55,9 +55,10 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def side(features: np.ndarray, first_file: int) -> dict:
-    """gallery.py's dict for unlabelled embeddings (file ids never shared by queries and gallery)."""
+    """folder_search.py's dict for unlabelled embeddings (file ids never shared by queries and gallery)."""
     n = len(features)
-    return {"features": features, "pids": np.full(n, gallery.UNLABELLED), "cams": np.full(n, gallery.UNLABELLED),
+    unlabelled = np.full(n, folder_search.UNLABELLED)
+    return {"features": features, "pids": unlabelled, "cams": unlabelled.copy(),
             "files": np.arange(first_file, first_file + n)}
 
 
@@ -101,20 +102,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{args.n:,} × {args.dim} embeddings around {args.identities:,} centres ({gen_s:.0f} s to draw), "
           f"{args.queries:,} queries, top-{args.k}, {args.threads} threads", flush=True)
     flat_bytes = base.nbytes
-    ref, exact = run_method("faiss IndexFlatL2 (exact)", lambda: gallery.faiss_index(base, "euclidean", "faiss", 1, 1),
-                            lambda index: gallery.faiss_topk(index, query, gal, args.k, "euclidean")[0],
+    ref, exact = run_method("faiss IndexFlatL2 (exact)",
+                            lambda: folder_search.faiss_index(base, "euclidean", "faiss", 1, 1),
+                            lambda index: folder_search.faiss_topk(index, query, gal, args.k, "euclidean")[0],
                             args.queries, lambda index: flat_bytes)
     ref["recall"] = 1.0
     rows = [ref]
     row, found = run_method("torch exact_topk (topk.py)", lambda: None,
-                            lambda _: gallery.exact_topk(query, gal, args.k, "euclidean")[0], args.queries,
+                            lambda _: folder_search.exact_topk(query, gal, args.k, "euclidean")[0], args.queries,
                             lambda _: flat_bytes)
     rows.append({**row, "recall": recall(found, exact)})
     for nprobe in args.nprobe:
         ivf_bytes = flat_bytes + 8 * args.n + 4 * args.nlist * args.dim  # vectors, ids, centroids
         row, found = run_method(f"faiss IVF{args.nlist},Flat nprobe {nprobe}",
-                                lambda p=nprobe: gallery.faiss_index(base, "euclidean", "faiss-ivf", args.nlist, p),
-                                lambda index: gallery.faiss_topk(index, query, gal, args.k, "euclidean")[0],
+                                lambda p=nprobe: folder_search.faiss_index(base, "euclidean", "faiss-ivf",
+                                                                           args.nlist, p),
+                                lambda index: folder_search.faiss_topk(index, query, gal, args.k, "euclidean")[0],
                                 args.queries, lambda _, b=ivf_bytes: b)
         rows.append({**row, "recall": recall(found, exact)})
     print(f"\n| method | build s (CPU s) | ms/query (CPU ms) | × exact's ms | recall@{args.k} | memory MiB |")

@@ -88,7 +88,7 @@ grid_run() {
         --ae-name "$ae" --img-size $IMG --epochs "$GRID_EPOCHS" --warmup-epochs 1 --amp --device "$DEVICE" \
         --workers 2 --quiet \
         --no-degraded-views $extra $([ -f "$dir/checkpoint.pt" ] && echo --resume) >"$dir.log" 2>&1 &&
-        $PY eval.py --all-dir "$dir" --corrupt all --device "$DEVICE" --workers 2 --verify-pairs 0 >>"$dir.log" 2>&1
+        $PY eval.py --result-dir "$dir" --corrupt all --device "$DEVICE" --workers 2 --verify-pairs 0 >>"$dir.log" 2>&1
 }
 
 grid() {
@@ -114,7 +114,7 @@ item step 120 300 $PY bench/train_throughput.py --device "$DEVICE" --data "$DATA
 item model_step 45 120 $PY bench/model_step.py --device "$DEVICE" --backbones resnet50 --ae vae none --batch 64 \
     --img-size $IMG --profile --json "$RESULTS/model_step_resnet50.json"
 item market 90 300 market_train
-item eval 45 200 $PY bench/eval_timing.py --all-dir "$RESULTS/market" --device "$DEVICE" --workers "$WORKERS" \
+item eval 45 200 $PY bench/eval_timing.py --result-dir "$RESULTS/market" --device "$DEVICE" --workers "$WORKERS" \
     --batch-size 256 --json "$RESULTS/eval_timing.json"
 item grid 240 3600 grid
 echo "== suite: $SECONDS s; results in $RESULTS"

@@ -1,7 +1,7 @@
 """onnxruntime on the CPU against torch eager: images/s of the exported embedding network, in the same run.
 
 python bench/onnx_speed.py                                  # resnet50 + vae at 256×128, batch 16, random weights
-python bench/onnx_speed.py --all-dir runs/demo              # the demo's trained model at its size
+python bench/onnx_speed.py --result-dir runs/demo              # the demo's trained model at its size
 python bench/onnx_speed.py --backbone swin_t --threads 1
 
 Both run the same weights on the same preloaded batch with the same thread count; they take turns for --rounds
@@ -35,7 +35,7 @@ def fastest_round(step: Callable[[], object], steps: int) -> tuple[float, float]
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--result-dir", "--all-dir", dest="all_dir", type=Path,
+    parser.add_argument("--result-dir", "--all-dir", dest="result_dir", type=Path,
                         help="a result directory (default: a fresh --backbone + --ae)")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--ae", default="vae")
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.all_dir is not None:
-        model = load_trained(args.all_dir)
+    if args.result_dir is not None:
+        model = load_trained(args.result_dir)
     else:
         model = ReIDModel(args.backbone, args.ae, 10, img_size=tuple(args.img_size)).eval()
     images = torch.randn(args.batch, 3, *model.img_size)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         for name, step in steps.items():
             best[name] = min(best[name], fastest_round(step, args.steps))
-    name = args.all_dir or f"{args.backbone} + {args.ae}"
+    name = args.result_dir or f"{args.backbone} + {args.ae}"
     print(f"{name} at {model.img_size[0]}×{model.img_size[1]}, batch {args.batch}, {args.threads} threads, "
           f"fastest of {args.rounds} rounds of {args.steps} batches")
     reference = args.steps * args.batch / best["torch eager"][0]

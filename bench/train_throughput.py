@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare  # noqa: E402
 import train  # noqa: E402
 from datasets import PKSampler, load_train_records  # noqa: E402
-from decoded import DecodedTrainLoader, training_loader  # noqa: E402
 from model import ReIDModel, build_backbone  # noqa: E402
 from synthetic import SyntheticConfig  # noqa: E402
+from tensor_loader import DecodedTrainLoader, training_loader  # noqa: E402
 from trainstep import LossRead, TrainStep, apply_gradients, batch_losses  # noqa: E402
 from utils import UserError, resolve_device, rotated, run_script, seed_everything  # noqa: E402
 

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--img-size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"))
     add("--latent-dim", type=int, default=256)
     add("--seed", type=int, default=0)
-    add("--split", default="test", help="the split eval.py measures (test, val, seed_test, seed_val)")
+    add("--split", default="test", help="the split eval.py measures (test, val, all_vs_all_test, all_vs_all_val)")
     add("--workers", type=int, default=1)
     return parser
 
@@ -209,7 +209,7 @@ def run_pairing(out: Path, backbone: str, row: tuple[str, list[str]], seed: int,
             if "stopped_at_step" in summary:
                 raise GridStopped(f"{backbone} + {name}: training stopped at step {summary['stopped_at_step']}; "
                                   "run again to resume")
-        evaluation.main(["--all-dir", str(run), "--split", budget["split"], "--out", str(run / "eval"),
+        evaluation.main(["--result-dir", str(run), "--split", budget["split"], "--out", str(run / "eval"),
                          "--workers", str(workers), *CORRUPT_FLAGS])
     return {"seed": seed, **run_figures(run)}
 

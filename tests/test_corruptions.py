@@ -464,13 +464,13 @@ def test_corrupted_evaluation_of_a_hand_made_case(grey_prepared: Path):
     q_pids, g_pids = [r.pid for r in query], [r.pid for r in gallery]
 
     model_settings = {"files": {}, "img_size": (64, 32)}
-    args = evaluation.parse_args(["--all-dir", "x", "--workers", "0"])
     runs = {}
     for label, corruption, batch in (("clean", None, 4), ("corrupted", settings, 4), ("one by one", settings, 1)):
         found = eval_inputs.split_features(GreyAngle(), model_settings, grey_prepared, "test", False, None, batch, 0,
                                         corruption)
         runs[label] = found
-        result = rank_split(eval_inputs.ranking_distances(found, args), found, "test", grey_prepared)
+        distances = eval_inputs.ranking_distances(found, eval_inputs.RankingOptions())
+        result = rank_split(distances, found, "test", grey_prepared)
         expected = expected_map(*((q_clean, g_clean) if corruption is None else (q_bright, g_bright)), q_pids, g_pids)
         assert result["mAP"] == pytest.approx(expected), label
     assert expected_map(q_clean, g_clean, q_pids, g_pids) == 1.0
@@ -484,7 +484,7 @@ def test_corrupted_evaluation_of_a_hand_made_case(grey_prepared: Path):
 
 
 def test_eval_reports_corrupted_figures_beside_clean_ones_and_repeats_them(tiny_run: Path, tmp_path: Path):
-    flags = ["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt", "all",
+    flags = ["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt", "all",
              "--out", str(tmp_path)]
     first = evaluation.main(flags)
     second = evaluation.main([*flags, "--no-cache"])
@@ -492,7 +492,7 @@ def test_eval_reports_corrupted_figures_beside_clean_ones_and_repeats_them(tiny_
     assert first["corrupted"][key] == second["corrupted"][key]
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["corrupted"][key]["mAP"] == first["corrupted"][key]["mAP"]
-    assert stored["mAP"] == evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0",
+    assert stored["mAP"] == evaluation.main(["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0",
                                              "--out", str(tmp_path / "clean")])["mAP"]
     assert (tmp_path / "features_test_c-all_s-all_seed-0.npz").is_file()
     other = evaluation.main([*flags, "--corrupt-seed", "1"])
@@ -500,15 +500,15 @@ def test_eval_reports_corrupted_figures_beside_clean_ones_and_repeats_them(tiny_
 
 
 def test_corrupt_grid_writes_json_heat_map_and_table(tiny_run: Path, tmp_path: Path):
-    evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt-grid",
+    evaluation.main(["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt-grid",
                      "--corrupt", "fog,rain", "--severity", "1,5", "--out", str(tmp_path)])
     grid = json.loads((tmp_path / "robustness.json").read_text())["grid"]
     assert set(grid) == {"fog", "rain"} and all(set(row) == {"1", "5"} for row in grid.values())
     table = (tmp_path / "robustness.md").read_text()
     assert "| fog |" in table and "| rain |" in table and (tmp_path / "robustness.png").stat().st_size > 0
     # a cell is the evaluation with that corruption and severity alone
-    single = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--corrupt", "fog",
-                              "--severity", "5", "--out", str(tmp_path / "single")])
+    single = evaluation.main(["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0",
+                              "--corrupt", "fog", "--severity", "5", "--out", str(tmp_path / "single")])
     assert grid["fog"]["5"]["mAP"] == pytest.approx(single["corrupted"]["fog|s=5|seed=0"]["mAP"])
 
 
@@ -525,9 +525,13 @@ def test_the_grid_table_holds_each_cell_and_the_means():
 def test_the_grid_takes_severity_with_or_without_corrupt():
     from robustness import grid_settings
 
-    alone = grid_settings(evaluation.parse_args(["--all-dir", "x", "--corrupt-grid", "--severity", "3"]))
+    def chosen(flags: list[str]) -> CorruptionSettings:
+        args = evaluation.parse_args(["--result-dir", "x", "--corrupt-grid", *flags])
+        return grid_settings(args.corruption, args.severity, args.corrupt_seed)
+
+    alone = chosen(["--severity", "3"])
     assert alone.names == CORRUPTIONS and alone.severities == (3,)
-    named = grid_settings(evaluation.parse_args(["--all-dir", "x", "--corrupt-grid", "--corrupt", "fog"]))
+    named = chosen(["--corrupt", "fog"])
     assert named.names == ("fog",) and named.severities == (1, 2, 3, 4, 5)
 
 
@@ -538,14 +542,14 @@ def test_the_grid_takes_severity_with_or_without_corrupt():
 ])
 def test_bad_corruption_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
-        evaluation.parse_args(["--all-dir", "runs/demo", *flags])
+        evaluation.parse_args(["--result-dir", "runs/demo", *flags])
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_topk_shows_the_corrupted_images_the_model_ranked(tiny_run: Path, tmp_path: Path):
     import topk
 
-    flags = ["--all-dir", str(tiny_run), "--workers", "0", "--queries", "random:1", "--k", "3"]
+    flags = ["--result-dir", str(tiny_run), "--workers", "0", "--queries", "random:1", "--k", "3"]
     clean = topk.main([*flags, "--out", str(tmp_path / "clean")])
     corrupted = topk.main([*flags, "--corrupt", "fog", "--severity", "5", "--out", str(tmp_path / "fog")])
     grid = clean["queries"][0]["grid"]

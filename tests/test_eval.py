@@ -222,7 +222,7 @@ def test_re_ranking_equals_the_direct_algorithm(k1, k2, lambda_value):
 
 
 def test_cli_writes_results_equal_to_the_metrics_of_its_features(tiny_run: Path):
-    report = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0"])
+    report = evaluation.main(["--result-dir", str(tiny_run), "--workers", "0"])
     stored = json.loads((tiny_run / "eval" / "results.json").read_text())
     assert (tiny_run / "eval" / "cmc.png").is_file() and stored["mAP"] == report["mAP"]
     with np.load(tiny_run / "eval" / "features_test.npz") as cached:
@@ -237,7 +237,7 @@ def test_cli_writes_results_equal_to_the_metrics_of_its_features(tiny_run: Path)
 
 
 def test_second_evaluation_reads_the_feature_cache(tiny_run: Path, caplog: pytest.LogCaptureFixture):
-    evaluation.main(["--all-dir", str(tiny_run), "--workers", "0"])
+    evaluation.main(["--result-dir", str(tiny_run), "--workers", "0"])
     with caplog.at_level(logging.INFO, logger="reid"):
         evaluation.main(["--all_dir", str(tiny_run), "--workers", "0", "--metric", "cosine"])
     assert "features from" in caplog.text
@@ -246,9 +246,9 @@ def test_second_evaluation_reads_the_feature_cache(tiny_run: Path, caplog: pytes
 def test_seed_flags_select_parts_and_check_the_backbone(tiny_run: Path, tmp_path: Path):
     report = evaluation.main(["--backbone_dir", str(tiny_run), "--ae_dir", str(tiny_run / "ae.pt"),
                               "--split", "seed_test", "--workers", "0", "--out", str(tmp_path)])
-    assert report["split"] == "seed_test" and (tmp_path / "results.json").is_file()
+    assert report["split"] == "all_vs_all_test" and (tmp_path / "results.json").is_file()
     with pytest.raises(UserError, match="--backbone_type resnet34: the parts were trained as resnet18"):
-        evaluation.main(["--all-dir", str(tiny_run), "--backbone_type", "resnet34"])
+        evaluation.main(["--result-dir", str(tiny_run), "--backbone_type", "resnet34"])
 
 
 def test_a_part_that_does_not_fit_is_named(tiny_run: Path, tmp_path: Path):
@@ -256,28 +256,28 @@ def test_a_part_that_does_not_fit_is_named(tiny_run: Path, tmp_path: Path):
 
     save_torch(build_autoencoder("vae", 512, 16).state_dict(), tmp_path / "ae.pt")
     with pytest.raises(UserError, match=r"ae.pt: does not fit resnet18 \+ vae"):
-        evaluation.main(["--all-dir", str(tiny_run), "--ae_dir", str(tmp_path / "ae.pt"), "--no-cache"])
+        evaluation.main(["--result-dir", str(tiny_run), "--ae_dir", str(tmp_path / "ae.pt"), "--no-cache"])
 
 
 def test_a_part_file_holding_a_tensor_is_named(tiny_run: Path, tmp_path: Path):
     save_torch(torch.zeros(3), tmp_path / "backbone.pt")
     with pytest.raises(UserError, match=r"backbone.pt: not a state dict \(expected a mapping of names to tensors\)"):
-        evaluation.main(["--all-dir", str(tiny_run), "--backbone_dir", str(tmp_path / "backbone.pt"), "--no-cache",
+        evaluation.main(["--result-dir", str(tiny_run), "--backbone_dir", str(tmp_path / "backbone.pt"), "--no-cache",
                          "--out", str(tmp_path)])
 
 
-def test_a_missing_all_dir_or_one_without_config_is_named(tmp_path: Path):
-    with pytest.raises(UserError, match=rf"--all-dir {re.escape(str(tmp_path / 'nowhere'))}: no such folder"):
-        evaluation.main(["--all-dir", str(tmp_path / "nowhere")])
-    with pytest.raises(UserError, match=rf"--all-dir {re.escape(str(tmp_path))}: no config.json there"):
-        evaluation.main(["--all-dir", str(tmp_path)])
+def test_a_missing_result_dir_or_one_without_config_is_named(tmp_path: Path):
+    with pytest.raises(UserError, match=rf"--result-dir {re.escape(str(tmp_path / 'nowhere'))}: no such folder"):
+        evaluation.main(["--result-dir", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=rf"--result-dir {re.escape(str(tmp_path))}: no config.json there"):
+        evaluation.main(["--result-dir", str(tmp_path)])
 
 
 def test_a_dataset_dir_without_the_split_manifest_is_named(tiny_run: Path, market_tree: Path):
     manifest = re.escape(str(market_tree / "splits" / "val.json"))
     with pytest.raises(UserError, match=rf"--dataset-dir {re.escape(str(market_tree))}: no split manifest {manifest} "
                                         r"\(expected a root written by prepare.py --out, not a raw Market-1501"):
-        evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(market_tree), "--split", "val"])
+        evaluation.main(["--result-dir", str(tiny_run), "--dataset-dir", str(market_tree), "--split", "val"])
 
 
 def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: Path, tmp_path: Path,
@@ -289,7 +289,7 @@ def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"the training data named in run/config.json: data/prepared: no split manifest "
                                         r"data/prepared/splits/test.json .*give --dataset-dir PREPARED_ROOT"):
-        evaluation.main(["--all-dir", "run", "--backbone_dir", str(tiny_run), "--ae_dir", str(tiny_run)])
+        evaluation.main(["--result-dir", "run", "--backbone_dir", str(tiny_run), "--ae_dir", str(tiny_run)])
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -306,12 +306,12 @@ def test_a_relative_data_path_in_config_json_is_named_with_its_source(tiny_run: 
 ])
 def test_out_of_range_flags_are_named(flags: list[str], message: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
-        evaluation.parse_args(["--all-dir", "runs/demo", "--rerank", *flags])
+        evaluation.parse_args(["--result-dir", "runs/demo", "--rerank", *flags])
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
 def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_path: Path):
-    report = evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "300",
+    report = evaluation.main(["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "300",
                               "--threshold", "0.4", "--flip", "--out", str(tmp_path)])
     stored = json.loads((tmp_path / "results.json").read_text())["verification"]
     assert stored == report["verification"]
@@ -330,7 +330,7 @@ def test_cli_scores_the_siamese_head_on_unaugmented_pairs(tiny_run: Path, tmp_pa
 
 
 def test_cross_domain_results_name_both_data_sets(tiny_run: Path, synthetic_prepared: Path, other_domain: Path):
-    evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--workers", "0"])
+    evaluation.main(["--result-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--workers", "0"])
     out = tiny_run / "eval_synthetic-seed1"
     data = json.loads((out / "results.json").read_text())["data"]
     assert data["cross_domain"] is True
@@ -339,7 +339,7 @@ def test_cross_domain_results_name_both_data_sets(tiny_run: Path, synthetic_prep
     assert data["trained_on"]["manifests"]["train"] == sha256_file(synthetic_prepared / "splits" / "train.json")
     assert (data["evaluated_on"]["name"], data["evaluated_on"]["root"]) == ("synthetic-seed1", str(other_domain))
     assert data["evaluated_on"]["sha256"] == sha256_file(other_domain / "splits" / "test.json")
-    home = evaluation.main(["--all-dir", str(tiny_run), "--dataset-dir", str(synthetic_prepared), "--workers", "0"])
+    home = evaluation.main(["--result-dir", str(tiny_run), "--dataset-dir", str(synthetic_prepared), "--workers", "0"])
     assert home["data"]["cross_domain"] is False and home["data"]["evaluated_on"]["name"] == "synthetic"
     assert json.loads((tiny_run / "eval" / "results.json").read_text())["data"] == home["data"]
     # Each data set keeps its own feature cache: the other domain's images, not the training domain's.
@@ -347,3 +347,16 @@ def test_cross_domain_results_name_both_data_sets(tiny_run: Path, synthetic_prep
         assert str(away["key"]) != str(at_home["key"])
         away_query = {Path(other_domain / f).resolve() for f in away["q_files"]}
     assert away_query == {Path(r.path).resolve() for r in load_eval_records(other_domain, "test")[0]}
+
+
+def test_the_flags_become_typed_options():
+    import eval_inputs
+
+    args = evaluation.parse_args(["--result-dir", "r", "--k1", "7", "--aqe", "--no-cache", "--img-size", "64", "32",
+                                  "--split", "seed_val", "--flip", "--corrupt", "fog", "--severity", "2"])
+    options = eval_inputs.evaluation_options(args)
+    assert options.model == eval_inputs.ModelSource(result_dir=Path("r"), img_size=(64, 32))
+    assert options.data == eval_inputs.SplitSource(split="all_vs_all_val")
+    assert options.ranking == eval_inputs.RankingOptions(k1=7, aqe=True)
+    assert options.embedding == eval_inputs.EmbeddingOptions(flip=True, cache=False)
+    assert (options.corruption.names, options.corruption.severities, options.out) == (("fog",), (2,), None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import export
-from gallery import list_images
+from folder_search import list_images
 from model import ReIDModel, load_trained
 from utils import UserError
 
@@ -34,7 +34,7 @@ def test_each_family_exports_with_a_dynamic_batch_and_equal_embeddings(synthetic
 
 
 def test_cli_writes_the_checked_file_and_its_settings(tiny_run: Path, tmp_path: Path):
-    report = export.main(["--all-dir", str(tiny_run), "--out", str(tmp_path / "model.onnx"), "--check-images", "6"])
+    report = export.main(["--result-dir", str(tiny_run), "--out", str(tmp_path / "model.onnx"), "--check-images", "6"])
     stored = json.loads((tmp_path / "model.onnx.json").read_text())
     assert stored["max_abs_difference"] == report["max_abs_difference"] <= 1e-4
     assert stored["input"]["shape"] == ["N", 3, 64, 32] and stored["checked_images"] == 6
@@ -47,5 +47,5 @@ def test_cli_writes_the_checked_file_and_its_settings(tiny_run: Path, tmp_path: 
 
 def test_a_failed_check_writes_nothing(tiny_run: Path, tmp_path: Path):
     with pytest.raises(UserError, match="not written"):
-        export.main(["--all-dir", str(tiny_run), "--out", str(tmp_path / "model.onnx"), "--tolerance", "-1"])
+        export.main(["--result-dir", str(tiny_run), "--out", str(tmp_path / "model.onnx"), "--tolerance", "-1"])
     assert not (tmp_path / "model.onnx").exists()

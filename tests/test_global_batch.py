@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import decoded
+import tensor_loader
 from conftest import ROOT, SHORT_SCHEDULE
 from datasets import PKSampler, load_train_records
 from degradations import degrade
@@ -130,13 +130,13 @@ def test_a_rank_degrades_its_rows_as_the_whole_batch_is_degraded():
 def test_a_rank_augments_its_rows_as_the_whole_batch_is_augmented(synthetic_prepared: Path):
     """The decoded loader, erasing and lighting on: each rank's batch is its rows of the single process's."""
     records = load_train_records(synthetic_prepared)[0]
-    store = decoded.decode_records(records, (64, 32), 1, torch.device("cpu"), progress=False)
+    store = tensor_loader.decode_records(records, (64, 32), 1, torch.device("cpu"), progress=False)
     labels = [r.label for r in records]
 
     def batches(rank: int, world: int) -> list[torch.Tensor]:
         sampler = PKSampler(labels, 4, 2, seed=5, rank=rank, world_size=world)
         sampler.set_epoch(1)
-        loader = decoded.DecodedTrainLoader(store, records, sampler, 0.9, True, torch.device("cpu"))
+        loader = tensor_loader.DecodedTrainLoader(store, records, sampler, 0.9, True, torch.device("cpu"))
         return [images for images, _, _, _ in loader]
 
     whole, shares = batches(0, 1), [batches(rank, 2) for rank in (0, 1)]

@@ -200,8 +200,8 @@ def test_published_counts_are_compared_only_for_a_download():
 
 def test_summary_prints_published_counts_beside_found_ones(caplog: pytest.LogCaptureFixture):
     summary = {"raw": "/d", "name": "dukemtmc", "seed": 0, "val_ids": 100, "unreadable": [],
-               **{k: "" for k in ("train", "val query", "val gallery", "test query", "test gallery", "seed_test",
-                                  "seed_val")},
+               **{k: "" for k in ("train", "val query", "val gallery", "test query", "test gallery",
+                                  "all_vs_all_test", "all_vs_all_val")},
                "found": {"train": (702, 9000, 8)},
                "published": {"published": {"train": (702, 16522, 8)}, "looks_complete": True,
                              "differences": ["train: 9,000 images, published 16,522"]}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -43,13 +44,13 @@ def test_split_counts_on_the_hand_made_tree(market_tree: Path, tmp_path: Path):
     assert len(train) == 8 - images_per_id[pid] and sorted({r.label for r in train}) == [0, 1]
     query, gallery = load_eval_records(out, "test")
     assert (len(query), len(gallery)) == (3, 9)
-    # The seed split of bounding_box_test without junk/distractors: id 1 has 2 images -> 1 test, 1 val (left out);
-    # id 3 has 5 images -> round(3.0) = 3 test, 2 val.
-    seed_test, _ = load_eval_records(out, "seed_test")
-    seed_val, seed_val_gallery = load_eval_records(out, "seed_val")
-    assert Counter(r.pid for r in seed_test) == {1: 1, 3: 3}
-    assert Counter(r.pid for r in seed_val) == {3: 2} and seed_val == seed_val_gallery
-    assert load_manifest(out, "seed_val")["left_out_ids"] == [1]
+    # The all-vs-all split of bounding_box_test without junk/distractors: id 1 has 2 images -> 1 test, 1 val (left
+    # out); id 3 has 5 images -> round(3.0) = 3 test, 2 val.
+    all_test, _ = load_eval_records(out, "all_vs_all_test")
+    all_val, all_val_gallery = load_eval_records(out, "all_vs_all_val")
+    assert Counter(r.pid for r in all_test) == {1: 1, 3: 3}
+    assert Counter(r.pid for r in all_val) == {3: 2} and all_val == all_val_gallery
+    assert load_manifest(out, "all_vs_all_val")["left_out_ids"] == [1]
 
 
 def test_prepare_links_and_never_touches_the_users_images(market_tree: Path, tmp_path: Path):
@@ -214,9 +215,20 @@ def test_a_record_from_before_presets_reads_as_the_default(tmp_path: Path):
 def test_synthetic_prepared_fixture_has_every_split(synthetic_prepared: Path):
     train, num_classes = load_train_records(synthetic_prepared)
     assert num_classes == 8 and sorted({r.label for r in train}) == list(range(8))
-    for split in ("val", "test", "seed_test", "seed_val"):
+    for split in ("val", "test", "all_vs_all_test", "all_vs_all_val"):
         query, gallery = load_eval_records(synthetic_prepared, split)
         assert query and gallery and all(Path(r.path).exists() for r in query + gallery)
+
+
+def test_a_root_prepared_under_the_earlier_split_names_reads_under_both(synthetic_prepared: Path, tmp_path: Path):
+    (tmp_path / "splits").mkdir()
+    for old, new in (("seed_test", "all_vs_all_test"), ("seed_val", "all_vs_all_val")):
+        shutil.copy(synthetic_prepared / "splits" / f"{new}.json", tmp_path / "splits" / f"{old}.json")
+        want = [(Path(r.path).relative_to(synthetic_prepared), r.pid, r.camid)
+                for r in load_eval_records(synthetic_prepared, new)[0]]
+        for name in (old, new):
+            found = [(Path(r.path).relative_to(tmp_path), r.pid, r.camid) for r in load_eval_records(tmp_path, name)[0]]
+            assert found == want and found
 
 
 def test_unreadable_images_are_listed_left_out_and_never_met_in_training(tmp_path: Path,

@@ -218,7 +218,7 @@ def test_validation_ranks_by_the_embedding_after_the_neck(learnable: Path):
 
 def validation_loader(prepared: Path) -> tuple[list, int]:
     """The validation split as train.py's PIL evaluation loader gives it, and its query count."""
-    from decoded import evaluation_loader
+    from tensor_loader import evaluation_loader
 
     query, gallery = load_eval_records(prepared, "val")
     loader = evaluation_loader("pil", query + gallery, (64, 32), 32, 0, torch.device("cpu"), False)

@@ -99,7 +99,7 @@ def test_average_query_expansion_gives_negative_similarities_no_weight():
 
 
 def test_eval_and_topk_rank_by_expanded_then_re_ranked_distances(tiny_run: Path, tmp_path: Path):
-    flags = ["--all-dir", str(tiny_run), "--workers", "0", "--aqe", "--aqe-k", "3", "--aqe-alpha", "2", "--rerank",
+    flags = ["--result-dir", str(tiny_run), "--workers", "0", "--aqe", "--aqe-k", "3", "--aqe-alpha", "2", "--rerank",
              "--k1", "6", "--k2", "2"]
     report = evaluation.main([*flags, "--verify-pairs", "0", "--out", str(tmp_path / "eval")])
     shown = topk.main([*flags, "--queries", "random:2", "--out", str(tmp_path / "topk")])

@@ -55,8 +55,8 @@ def test_an_evaluation_reads_config_json_once(tiny_run: Path, tmp_path: Path, mo
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*", "topk*", "search"))
     reads = count_config_reads(monkeypatch)
-    evaluation.main(["--all-dir", str(run), "--workers", "0", "--verify-pairs", "0"])
+    evaluation.main(["--result-dir", str(run), "--workers", "0", "--verify-pairs", "0"])
     assert reads == [run / "config.json"]
     reads.clear()
-    topk.main(["--all-dir", str(run), "--workers", "0", "--k", "3", "--queries", "random:1"])
+    topk.main(["--result-dir", str(run), "--workers", "0", "--k", "3", "--queries", "random:1"])
     assert reads == [run / "config.json"]

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_tensor
 
 import eval as evaluation
-import gallery
+import folder_search
 import topk
 from datasets import load_image
 from embedding import embed_images
@@ -30,7 +30,7 @@ def read_ranks(out: Path) -> list[dict]:
 
 
 def test_load_trained_and_embed_images_equal_eval_features(tiny_run: Path, tmp_path: Path):
-    evaluation.main(["--all-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--out", str(tmp_path)])
+    evaluation.main(["--result-dir", str(tiny_run), "--workers", "0", "--verify-pairs", "0", "--out", str(tmp_path)])
     model = load_trained(tiny_run)
     assert not model.training and model.img_size == (64, 32)
     prepared = Path(json.loads((tiny_run / "config.json").read_text())["flags"]["data"])
@@ -90,7 +90,7 @@ def own_folder(synthetic_prepared: Path, tmp_path: Path) -> tuple[Path, Path, Pa
 
 
 def folder_flags(run: Path, owner: Path, queries: Path, out: Path, *extra: str) -> list[str]:
-    return ["--all-dir", str(run), "--gallery", str(owner), "--queries", str(queries), "--k", "5",
+    return ["--result-dir", str(run), "--gallery", str(owner), "--queries", str(queries), "--k", "5",
             "--out", str(out), "--workers", "0", *extra]
 
 
@@ -121,13 +121,13 @@ def test_the_gallery_cache_is_reused_and_invalidated_when_a_file_changes(tiny_ru
                                                                          monkeypatch: pytest.MonkeyPatch):
     owner, queries, out = own_folder
     embedded: list[int] = []
-    real = gallery.embed_files
+    real = folder_search.embed_files
 
     def counting(model, files, *args):
         embedded.append(len(files))
         return real(model, files, *args)
 
-    monkeypatch.setattr(gallery, "embed_files", counting)
+    monkeypatch.setattr(folder_search, "embed_files", counting)
     topk.main(folder_flags(tiny_run, owner, queries, out))
     first = read_ranks(out)
     topk.main(folder_flags(tiny_run, owner, queries, out))
@@ -172,9 +172,9 @@ def test_bad_folders_are_named(tiny_run: Path, own_folder, flags: list[str], mes
 
 
 def random_side(rng: np.random.Generator, n: int, dim: int, prefix: str) -> dict:
-    pids = rng.choice([gallery.UNLABELLED, -1, 0, 1, 2, 3], size=n)
+    pids = rng.choice([folder_search.UNLABELLED, -1, 0, 1, 2, 3], size=n)
     return {"features": rng.normal(size=(n, dim)).astype(np.float32), "pids": pids,
-            "cams": np.where(pids == gallery.UNLABELLED, gallery.UNLABELLED, rng.integers(1, 3, size=n)),
+            "cams": np.where(pids == folder_search.UNLABELLED, folder_search.UNLABELLED, rng.integers(1, 3, size=n)),
             "files": np.array([f"{prefix}{i}" for i in range(n)])}
 
 
@@ -188,7 +188,7 @@ def reference_topk(query: dict, side: dict, k: int, metric: str) -> tuple[np.nda
     for q in range(len(qn)):
         keep = [g for g in np.argsort(dist[q], kind="stable") if not (
             side["files"][g] == query["files"][q] or side["pids"][g] == -1 or (
-                query["pids"][q] != gallery.UNLABELLED and side["pids"][g] == query["pids"][q]
+                query["pids"][q] != folder_search.UNLABELLED and side["pids"][g] == query["pids"][q]
                 and side["cams"][g] == query["cams"][q]))][:k]
         out_i.append(keep)
         out_d.append(dist[q, keep])
@@ -201,10 +201,11 @@ def test_exact_and_faiss_topk_equal_the_plain_ranking(metric: str):
     side, query = random_side(rng, 300, 16, "g"), random_side(rng, 40, 16, "q")
     query["files"][:5] = side["files"][:5]  # five queries are gallery files themselves: never ranked
     want_i, want_d = reference_topk(query, side, 7, metric)
-    got = [gallery.exact_topk(query, side, 7, metric, query_chunk=9, gallery_chunk=64),
-           gallery.faiss_topk(gallery.faiss_index(side["features"], metric, "faiss", 8, 8), query, side, 7, metric),
-           gallery.faiss_topk(gallery.faiss_index(side["features"], metric, "faiss-ivf", 8, 8), query, side, 7,
-                              metric, query_chunk=16)]
+    flat = folder_search.faiss_index(side["features"], metric, "faiss", 8, 8)
+    ivf = folder_search.faiss_index(side["features"], metric, "faiss-ivf", 8, 8)
+    got = [folder_search.exact_topk(query, side, 7, metric, query_chunk=9, gallery_chunk=64),
+           folder_search.faiss_topk(flat, query, side, 7, metric),
+           folder_search.faiss_topk(ivf, query, side, 7, metric, query_chunk=16)]
     for got_i, got_d in got:
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_allclose(got_d, want_d, atol=1e-5)
@@ -213,12 +214,12 @@ def test_exact_and_faiss_topk_equal_the_plain_ranking(metric: str):
 def test_a_short_gallery_pads_with_minus_one():
     rng = np.random.default_rng(0)
     side, query = random_side(rng, 3, 4, "g"), random_side(rng, 2, 4, "q")
-    side["pids"][:] = gallery.UNLABELLED
-    top_i, top_d = gallery.exact_topk(query, side, 5, "euclidean")
+    side["pids"][:] = folder_search.UNLABELLED
+    top_i, top_d = folder_search.exact_topk(query, side, 5, "euclidean")
     assert (top_i[:, 3:] == -1).all() and np.isinf(top_d[:, 3:]).all() and (top_i[:, :3] >= 0).all()
 
 
 def test_market_labels_read_any_extension_and_mark_other_names_unlabelled():
-    pids, cams = gallery.market_labels([Path("a/0012_c3s1_000100_02.PNG"), Path("b/-1_c1s2_000001_00.jpeg"),
+    pids, cams = folder_search.market_labels([Path("a/0012_c3s1_000100_02.PNG"), Path("b/-1_c1s2_000001_00.jpeg"),
                                         Path("c/my crop.jpg")])
-    assert pids.tolist() == [12, -1, gallery.UNLABELLED] and cams.tolist() == [3, 1, gallery.UNLABELLED]
+    assert pids.tolist() == [12, -1, folder_search.UNLABELLED] and cams.tolist() == [3, 1, folder_search.UNLABELLED]

@@ -36,7 +36,7 @@ def frame_colour(grid: Image.Image, position: int) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_grid_size_follows_k_and_the_image_size(tiny_run: Path, tmp_path: Path, k: int):
-    report = topk.main(["--all-dir", str(tiny_run), "--k", str(k), "--queries", "random:3", "--out", str(tmp_path),
+    report = topk.main(["--result-dir", str(tiny_run), "--k", str(k), "--queries", "random:3", "--out", str(tmp_path),
                         "--workers", "0"])
     assert len(report["queries"]) == 3
     for entry in report["queries"]:
@@ -45,7 +45,7 @@ def test_grid_size_follows_k_and_the_image_size(tiny_run: Path, tmp_path: Path, 
 
 
 def test_frame_colours_follow_the_truth_in_ranks_csv(tiny_run: Path, tmp_path: Path):
-    report = topk.main(["--all-dir", str(tiny_run), "--k", "6", "--queries", "random:5", "--out", str(tmp_path),
+    report = topk.main(["--result-dir", str(tiny_run), "--k", "6", "--queries", "random:5", "--out", str(tmp_path),
                         "--workers", "0"])
     rows = read_ranks(tmp_path)
     assert {row["removed"] for row in rows} == {""}  # the protocol's removals are left out by default
@@ -65,7 +65,7 @@ def test_frame_colours_follow_the_truth_in_ranks_csv(tiny_run: Path, tmp_path: P
 
 
 def test_worst_picks_the_lowest_ap_queries_by_eval_numbers(tiny_run: Path, tmp_path: Path):
-    report = topk.main(["--all-dir", str(tiny_run), "--queries", "worst:4", "--out", str(tmp_path),
+    report = topk.main(["--result-dir", str(tiny_run), "--queries", "worst:4", "--out", str(tmp_path),
                         "--workers", "0"])
     with np.load(tiny_run / "eval" / "features_test.npz") as cached:
         qf, gf = (torch.nn.functional.normalize(torch.from_numpy(cached[k]), dim=1) for k in ("qf", "gf"))
@@ -79,7 +79,7 @@ def test_worst_picks_the_lowest_ap_queries_by_eval_numbers(tiny_run: Path, tmp_p
 
 
 def test_index_html_references_every_grid(tiny_run: Path, tmp_path: Path):
-    topk.main(["--all-dir", str(tiny_run), "--queries", "random:6", "--k", "2", "--out", str(tmp_path),
+    topk.main(["--result-dir", str(tiny_run), "--queries", "random:6", "--k", "2", "--out", str(tmp_path),
                "--workers", "0"])
     page = (tmp_path / "index.html").read_text()
     sources = set(re.findall(r'<img src="([^"]+)"', page))
@@ -90,7 +90,7 @@ def test_index_html_references_every_grid(tiny_run: Path, tmp_path: Path):
 
 
 def test_removed_images_are_shown_greyed_and_unranked(tiny_run: Path, tmp_path: Path):
-    report = topk.main(["--all-dir", str(tiny_run), "--queries", "random:6", "--k", "12", "--show-removed",
+    report = topk.main(["--result-dir", str(tiny_run), "--queries", "random:6", "--k", "12", "--show-removed",
                         "--out", str(tmp_path), "--workers", "0"])
     rows = read_ranks(tmp_path)
     removed = [row for row in rows if row["removed"]]
@@ -113,7 +113,7 @@ def test_a_missing_image_is_named(tiny_run: Path, synthetic_prepared: Path, tmp_
     prepared = tmp_path / "prepared"
     shutil.copytree(synthetic_prepared, prepared)  # a copy: the shared set stays whole
     query = json.loads((prepared / "splits" / "test.json").read_text())["query"][0][0]
-    flags = ["--all-dir", str(tiny_run), "--dataset-dir", str(prepared), "--queries", query, "--k", "1",
+    flags = ["--result-dir", str(tiny_run), "--dataset-dir", str(prepared), "--queries", query, "--k", "1",
              "--workers", "0", "--out", str(tmp_path / "topk")]
     topk.main(flags)  # the features are cached now, so the next run reads no image before drawing
     (prepared / query).unlink()
@@ -122,11 +122,11 @@ def test_a_missing_image_is_named(tiny_run: Path, synthetic_prepared: Path, tmp_
 
 
 def test_verifier_ranks_by_the_siamese_probability_and_never_shows_the_query(tiny_run: Path, tmp_path: Path):
-    report = topk.main(["--all-dir", str(tiny_run), "--split", "seed_test", "--score", "verifier", "--k", "8",
+    report = topk.main(["--result-dir", str(tiny_run), "--split", "all_vs_all_test", "--score", "verifier", "--k", "8",
                         "--queries", "random:5", "--show-removed", "--out", str(tmp_path), "--workers", "0"])
     rows = read_ranks(tmp_path)
     model = build_trained(report["model"])
-    with np.load(tiny_run / "eval_seed_test" / "features_seed_test.npz") as cached:
+    with np.load(tiny_run / "eval_all_vs_all_test" / "features_all_vs_all_test.npz") as cached:
         feats = dict(zip(cached["g_files"], cached["gf"], strict=True))
     for entry in report["queries"]:
         mine = [row for row in rows if row["query"] == entry["query"]]
@@ -146,14 +146,14 @@ def test_an_unknown_query_is_named_with_the_nearest_ones(tiny_run: Path, tmp_pat
     near_miss = first.replace(".jpg", "9.jpg")
     with pytest.raises(UserError, match=rf"--queries {re.escape(near_miss)}: not in the query set; nearest: "
                                         rf"{re.escape(first)}"):
-        topk.main(["--all-dir", str(tiny_run), "--queries", near_miss, "--out", str(tmp_path), "--workers", "0"])
-    report = topk.main(["--all-dir", str(tiny_run), "--queries", first, "--out", str(tmp_path), "--workers", "0"])
+        topk.main(["--result-dir", str(tiny_run), "--queries", near_miss, "--out", str(tmp_path), "--workers", "0"])
+    report = topk.main(["--result-dir", str(tiny_run), "--queries", first, "--out", str(tmp_path), "--workers", "0"])
     assert [Path(entry["query"]).name for entry in report["queries"]] == [first]
     assert json.loads((tmp_path / "topk.json").read_text())["flags"]["queries"] == [first]
 
 
 def test_cross_domain_grids_go_beside_the_cross_domain_evaluation(tiny_run: Path, other_domain: Path):
-    report = topk.main(["--all-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--queries", "random:2",
+    report = topk.main(["--result-dir", str(tiny_run), "--dataset-dir", str(other_domain), "--queries", "random:2",
                         "--workers", "0"])
     out = tiny_run / "topk_synthetic-seed1"
     assert json.loads((out / "topk.json").read_text())["data"] == report["data"]

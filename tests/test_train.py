@@ -809,9 +809,10 @@ def test_the_new_flags_are_saved_and_eval_loads_the_embedding(synthetic_prepared
     flags = json.loads((result / "config.json").read_text())["flags"]
     assert (flags["degraded_views"], flags["degrade_prob"], flags["kl_warmup"], flags["beta"], flags["embedding"]) \
         == (True, 0.7, 1.0, 2.0, "mu-bn")
-    args = evaluation.parse_args(["--all-dir", str(result), "--workers", "0"])
-    settings = eval_inputs.model_settings(args, eval_inputs.trained_result(args))
+    args = evaluation.parse_args(["--result-dir", str(result), "--workers", "0"])
+    source = eval_inputs.evaluation_options(args).model
+    settings = eval_inputs.model_settings(source, eval_inputs.trained_result(source))
     assert settings["embedding"] == "mu-bn"
     assert build_trained(settings).embedding == "mu-bn"
-    report = evaluation.main(["--all-dir", str(result), "--workers", "0"])
+    report = evaluation.main(["--result-dir", str(result), "--workers", "0"])
     assert 0 <= report["mAP"] <= 1 and report["model"]["embedding"] == "mu-bn"

@@ -1,4 +1,4 @@
-"""decoded.py: the decoded set, batched augmentation against the PIL path's, resumable batches, the fallback."""
+"""tensor_loader.py: the decoded set, batched augmentation against the PIL path's, resumable batches, the fallback."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
-import decoded
+import tensor_loader
 from datasets import IMAGENET_MEAN, IMAGENET_STD, PKSampler, build_transforms, load_train_records
-from decoded import AugmentParams, DecodedTrainLoader, augment_batch, batch_generator, draw_params
+from tensor_loader import AugmentParams, DecodedTrainLoader, augment_batch, batch_generator, draw_params
 from utils import UserError, device_constant
 
 SIZE = (64, 32)  # pad-and-crop margin max(1, round(64 / 25.6)) = 2
@@ -32,8 +32,8 @@ def pixels_of(images: torch.Tensor) -> torch.Tensor:
 def test_decoded_images_equal_the_pil_test_transform(synthetic_prepared: Path):
     records = load_train_records(synthetic_prepared)[0][:6]
     size = (128, 64)  # the 64×32 images upscaled, as the PIL path's Resize does
-    store = decoded.decode_records(records, size, 2, torch.device("cpu"), progress=False)
-    loader = decoded.DecodedEvalLoader(store, records, 4, torch.device("cpu"))
+    store = tensor_loader.decode_records(records, size, 2, torch.device("cpu"), progress=False)
+    loader = tensor_loader.DecodedEvalLoader(store, records, 4, torch.device("cpu"))
     images = torch.cat([batch[0] for batch in loader])
     transform = build_transforms(size, False)
     expected = torch.stack([transform(Image.open(r.path).convert("RGB")) for r in records])
@@ -167,7 +167,7 @@ def test_each_lighting_factor_acts_as_color_jitter_does(factors: list[float], re
 
 def test_a_resumed_epoch_draws_the_same_batches(synthetic_prepared: Path):
     records = load_train_records(synthetic_prepared)[0]
-    store = decoded.decode_records(records, SIZE, 1, torch.device("cpu"), progress=False)
+    store = tensor_loader.decode_records(records, SIZE, 1, torch.device("cpu"), progress=False)
     sampler = PKSampler([r.label for r in records], 4, 2, seed=5)
     loader = DecodedTrainLoader(store, records, sampler, 0.5, True, torch.device("cpu"))
     sampler.set_epoch(2)
@@ -188,7 +188,7 @@ def test_device_constants_are_made_once_and_hold_their_values():
     assert first.tolist() == pytest.approx([0.229, 0.224, 0.225]) and first.dtype == torch.float32
     assert device_constant(IMAGENET_STD, torch.device("cpu"), torch.float64).dtype == torch.float64
     values = torch.arange(6).view(2, 3)
-    assert decoded.to_device(values, torch.device("cpu")) is values
+    assert tensor_loader.to_device(values, torch.device("cpu")) is values
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -198,7 +198,7 @@ def test_a_batch_from_the_decoded_set_on_a_gpu_queues_without_a_sync(synthetic_p
 
     device = torch.device("cuda")
     records = load_train_records(synthetic_prepared)[0]
-    store = decoded.decode_records(records, SIZE, 1, device, progress=False)
+    store = tensor_loader.decode_records(records, SIZE, 1, device, progress=False)
     sampler = PKSampler([r.label for r in records], 4, 2, seed=5)
     loader = DecodedTrainLoader(store, records, sampler, 0.5, True, device)
     sampler.set_epoch(1)
@@ -217,24 +217,24 @@ def test_a_batch_from_the_decoded_set_on_a_gpu_queues_without_a_sync(synthetic_p
 def test_where_the_decoded_set_goes(monkeypatch: pytest.MonkeyPatch):
     """One 64×32 image is 6,144 bytes; the GPU may take 0.4 of its free memory, the host 0.5 of its."""
     free = {"cuda": 20_000, "cpu": 20_000}
-    monkeypatch.setattr(decoded, "free_memory", lambda device: free[device.type])
-    assert decoded.decoded_bytes(1, SIZE) == 6_144
+    monkeypatch.setattr(tensor_loader, "free_memory", lambda device: free[device.type])
+    assert tensor_loader.decoded_bytes(1, SIZE) == 6_144
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert decoded.store_device(1, SIZE, cuda) == cuda  # 6,144 ≤ 8,000
+    assert tensor_loader.store_device(1, SIZE, cuda) == cuda  # 6,144 ≤ 8,000
     free["cuda"] = 15_000
-    assert decoded.store_device(1, SIZE, cuda) == cpu  # 6,144 > 6,000 on the GPU, ≤ 10,000 on the host
-    assert decoded.store_device(1, SIZE, cpu) == cpu
-    assert decoded.store_device(2, SIZE, cpu) is None  # 12,288 > 10,000
+    assert tensor_loader.store_device(1, SIZE, cuda) == cpu  # 6,144 > 6,000 on the GPU, ≤ 10,000 on the host
+    assert tensor_loader.store_device(1, SIZE, cpu) == cpu
+    assert tensor_loader.store_device(2, SIZE, cpu) is None  # 12,288 > 10,000
 
 
 def test_a_set_that_does_not_fit_falls_back_to_pil_with_a_message(synthetic_prepared: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture):
-    monkeypatch.setattr(decoded, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(tensor_loader, "free_memory", lambda device: 1000)
     records = load_train_records(synthetic_prepared)[0]
     sampler = PKSampler([r.label for r in records], 4, 2)
     with caplog.at_level(logging.WARNING, logger="reid"):
-        loader = decoded.training_loader("tensor", records, sampler, SIZE, 0.5, False, 0, torch.device("cpu"))
+        loader = tensor_loader.training_loader("tensor", records, sampler, SIZE, 0.5, False, 0, torch.device("cpu"))
     assert isinstance(loader, torch.utils.data.DataLoader)
     assert f"the {len(records)} training images at 64×32 need" in caplog.text and "--loader pil" in caplog.text
     images, labels, _, _ = next(iter(loader))
@@ -247,4 +247,4 @@ def test_an_unreadable_image_is_named_while_decoding(synthetic_prepared: Path, t
     broken.write_bytes(b"not a jpeg")
     records[1] = type(records[1])(str(broken), 2, 1, 0)
     with pytest.raises(UserError, match=f"{broken}: cannot read image"):
-        decoded.decode_records(records, SIZE, 2, torch.device("cpu"), progress=False)
+        tensor_loader.decode_records(records, SIZE, 2, torch.device("cpu"), progress=False)
