@@ -459,22 +459,19 @@ def restore_rng(saved: list[dict], rank: int, world: int, device: torch.device) 
         torch.cuda.set_rng_state(own["cuda"], device)
 
 
-def locked_value(name: str, value: str) -> str:
-    """A locked flag's value as compared on resume: --data as an absolute path (older runs saved it as typed)."""
-    return str(Path(value).absolute()) if name == "data" else value
-
-
 def upgrade_checkpoint(state: dict, config_path: Path, world: int, device: torch.device,
                        balancer_state: dict) -> dict:
     """Any checkpoint train.py has written, in CHECKPOINT_FORMAT: a locked flag it does not record as the run's
     config.json does, else at the value runs had before the flag existed (today's default, or ABSENT_FLAGS'); a
-    format-1 checkpoint's generators (rank 0's) for every rank; a balancer from before the balancing, untrained."""
+    format-1 checkpoint's generators (rank 0's) for every rank, and its --data (saved as typed) made absolute; a
+    balancer from before the balancing, untrained."""
     if state.get("format", 1) > CHECKPOINT_FORMAT:
         raise UserError(f"--resume {config_path.parent / CHECKPOINT_FILE}: written in checkpoint format "
                         f"{state['format']}, newer than this train.py's {CHECKPOINT_FORMAT}; update the code")
     recorded = read_json(config_path).get("flags", {}) if config_path.is_file() else {}
     defaults = {k: str(v) for k, v in vars(build_parser().parse_args([])).items()} | ABSENT_FLAGS
     flags = {k: str(recorded[k]) if k in recorded else defaults[k] for k in RESUME_LOCKED} | state["flags"]
+    flags["data"] = str(Path(flags["data"]).absolute())
     rng = state.get("rng")
     if rng is None:
         devices = state["rng_cuda"]
@@ -494,7 +491,7 @@ def restore_checkpoint(path: Path, run: Run, rank: int) -> dict:
     if state["flags"].get("loader", args.loader) != args.loader:
         LOG.warning("--resume: the run trained with --loader %s and continues with %s; its batches are augmented "
                     "by another stream from here", state["flags"]["loader"], args.loader)
-    changed = [k for k in RESUME_LOCKED if locked_value(k, saved[k]) != locked_value(k, str(getattr(args, k)))]
+    changed = [k for k in RESUME_LOCKED if saved[k] != str(getattr(args, k))]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} was {saved[k]}" for k in changed)
         raise UserError(f"--resume {path}: the run was started with other flags ({detail})")

@@ -160,8 +160,9 @@ def test_data_is_recorded_as_an_absolute_path(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
     assert train.parse_args(["--data", "data/prepared"]).data == tmp_path / "data" / "prepared"
     # A checkpoint of an older run holds --data as typed; from the same folder it is the same data.
-    assert train.locked_value("data", "data/prepared") == str(tmp_path / "data" / "prepared")
-    assert train.locked_value("batch_p", "16") == "16"
+    older = {"flags": {"data": "data/prepared", "batch_p": "16"}, "rng": [{"cpu": None, "cuda": None}]}
+    upgraded = train.upgrade_checkpoint(older, tmp_path / "config.json", 1, torch.device("cpu"), {})
+    assert upgraded["flags"]["data"] == str(tmp_path / "data" / "prepared") and upgraded["flags"]["batch_p"] == "16"
 
 
 def test_pre_part_that_is_not_a_state_dict_is_named(learnable: Path, tmp_path: Path):
