@@ -439,9 +439,10 @@ RECON_TARGETS = ("feature", "image")
 # the embedding f + D(E(f)).
 PLACEMENTS = ("series", "branch", "residual")
 # The retrieval embedding: the placement's code (the autoencoder's μ in series, the feature in branch, the denoised
-# feature in residual), that code through the identity classifier's BatchNorm neck (BoT's test-time feature), or, in
-# branch, the L2-normalised code beside the autoencoder's L2-normalised μ.
-EMBEDDINGS = ("mu", "mu-bn", "mu+latent")
+# feature in residual), that code through the identity classifier's BatchNorm neck (BoT's test-time feature), the
+# L2-normalised code, or, in branch, the L2-normalised code beside the autoencoder's L2-normalised μ. The triplet and
+# Siamese terms read the embedding as training forms it (the neck's input for mu-bn).
+EMBEDDINGS = ("mu", "mu-bn", "mu-l2", "mu+latent")
 
 
 def recon_size(img_size: tuple[int, int]) -> tuple[int, int]:
@@ -514,12 +515,19 @@ class ReIDModel(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise), through the
-        BatchNorm neck when the embedding is mu-bn, beside the normalised μ when it is mu+latent."""
+        BatchNorm neck when the embedding is mu-bn, normalised for mu-l2, beside the normalised μ for mu+latent."""
         feat = self.backbone(images)
         code = self.code(feat)
+        if self.embedding == "mu-bn":
+            return self.classifier.identity.bn(code)
+        return self.trained_embedding(code, self.ae.encode(feat) if self.embedding == "mu+latent" else None)
+
+    def trained_embedding(self, code: Tensor, latent: Tensor | None) -> Tensor:
+        """The embedding the triplet and Siamese terms read: the code, normalised for mu-l2, joined to the latent
+        for mu+latent."""
         if self.embedding == "mu+latent":
-            return joined(code, self.ae.encode(feat))
-        return self.classifier.identity.bn(code) if self.embedding == "mu-bn" else code
+            return joined(code, latent)
+        return F.normalize(code, dim=1) if self.embedding == "mu-l2" else code
 
     def verify(self, z_i: Tensor, z_j: Tensor) -> Tensor:
         """Same-person logits [N] of the code pairs (z_i[n], z_j[n]), as training forms them."""
@@ -561,7 +569,7 @@ class ReIDModel(nn.Module):
             out["recon_target"] = F.adaptive_avg_pool2d(target, self.recon_size).repeat(views, 1, 1, 1)
         else:
             out["recon_target"] = None if out["recon"] is None else out["target_feat"]
-        out["z"] = joined(code, out["z"]) if self.embedding == "mu+latent" else code
+        out["z"] = self.trained_embedding(code, out["z"])
         out["logits"] = self.classifier.identity(code)
         return out
 

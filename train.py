@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--embedding", choices=EMBEDDINGS, default="mu",
         help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
         "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
-        "BatchNorm neck; mu+latent (branch), the L2-normalised code beside the autoencoder's L2-normalised μ")
+        "BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; mu+latent "
+        "(branch), the L2-normalised code beside the autoencoder's L2-normalised μ, read by them too")
     add("--pretrained", default="imagenet",
         help="imagenet: the library's ImageNet weights (torchvision's DEFAULT, or timm's), downloaded once into its "
         "cache; a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, ...); a state-dict file; or none")

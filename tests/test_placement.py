@@ -65,6 +65,21 @@ def test_branch_with_the_latent_joins_the_two_normalised_parts():
     assert model.classifier.identity.bn.num_features == model.feat_dim
 
 
+@pytest.mark.parametrize("ae,placement", [("none", "series"), ("vae", "series"), ("sae", "branch"),
+                                          ("dae", "residual")])
+def test_the_l2_embedding_is_the_unit_code_the_triplet_reads(ae: str, placement: str):
+    plain, unit = build(ae, placement).eval(), build(ae, placement, "mu-l2").eval()
+    x = images()
+    with torch.no_grad():
+        code, embedding, z = plain.embed(x), unit.embed(x), unit(x)["z"]
+        logits = unit(x)["logits"]
+    assert unit.embed_dim == plain.embed_dim and embedding.shape == code.shape
+    torch.testing.assert_close(embedding, code / code.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(z, embedding)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(len(x)))
+    torch.testing.assert_close(logits, unit.classifier.identity(code))  # the classifier reads the code itself
+
+
 def backbone_gradient(model: ReIDModel, loss_of: callable) -> float:
     """The summed |gradient| the backbone's parameters get from one loss of a train-mode forward."""
     model.zero_grad(set_to_none=True)
