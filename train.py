@@ -105,7 +105,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CHECKPOINT_FORMAT = 2
 # What a locked flag that an older checkpoint lacks was trained with, where that is not today's default.
 ABSENT_FLAGS = {"degraded_views": "False", "warmup_factor": "0.1", "augmix": "False", "ae_placement": "series",
-                "consistency": "0.0", "js": "0.0"}
+                "embedding": "mu", "consistency": "0.0", "js": "0.0"}
 # CIL's weight of the Jensen–Shannon term (Chen et al., 2021), the default with --augmix.
 CIL_JS_WEIGHT = 12.0
 
@@ -120,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--result-dir", type=Path, default=None, help="where results go (default runs/<backbone>_<ae>)")
     add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
         "timm:<name>")
-    add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae, with degraded views: "
-        "the study's best autoencoder, docs/results.md)")
+    add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae as a branch, with degraded "
+        "views and the mu-l2 embedding: the study's best autoencoder row, docs/results.md)")
     add("--latent-dim", type=int, default=512, help="the autoencoder's code size (ignored by --ae-name none)")
-    add("--ae-placement", choices=PLACEMENTS, default="series",
+    add("--ae-placement", choices=PLACEMENTS, default="branch",
         help="where the autoencoder sits: series, its code is the embedding; branch, the embedding is the backbone "
         "feature (BoT's) and the autoencoder beside it reads that feature, only its reconstruction reaching the "
         "backbone; residual, a feature denoiser: the embedding is f + D(E(f)), drawn towards the clean view's "
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CIL's, with --augmix; needs --augmix)")
     add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
     add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
-    add("--embedding", choices=EMBEDDINGS, default="mu",
+    add("--embedding", choices=EMBEDDINGS, default="mu-l2",
         help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
         "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
         "BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; mu+latent "

@@ -265,7 +265,7 @@ def test_augmix_views_are_a_function_of_the_seed_and_the_global_row():
     (["--augmix", "--degraded-views"], "choose one kind of views"),
     (["--no-degraded-views", "--js", "3"], "add --augmix"),
     (["--no-degraded-views", "--consistency", "1"], "needs --degraded-views or --augmix"),
-    (["--ae-name", "vae", "--embedding", "mu+latent"], "needs placement branch"),
+    (["--ae-name", "vae", "--ae-placement", "series", "--embedding", "mu+latent"], "needs placement branch"),
     (["--ae-name", "none", "--ae-placement", "branch"], "--ae-name none has none"),
     (["--ae-name", "vae", "--ae-placement", "residual", "--recon-target", "image"], "not the image"),
 ])

@@ -706,11 +706,11 @@ def gradients_of(step: trainstep.TrainStep, images: torch.Tensor, labels: torch.
 @pytest.mark.parametrize("ae", ["vae", "dae", "none"])
 def test_the_flags_off_reproduce_the_step_bit_for_bit(ae: str):
     images, labels = batch()
-    absent = tiny_step(["--ae-name", ae, "--no-degraded-views"])
-    off = tiny_step(["--ae-name", ae, "--no-degraded-views", "--degrade-prob", "0.3", "--kl-warmup", "0", "--beta",
-                     "1", "--embedding", "mu"])
+    series = ["--ae-name", ae, "--no-degraded-views", "--ae-placement", "series", "--embedding", "mu"]
+    absent = tiny_step(series)
+    off = tiny_step([*series, "--degrade-prob", "0.3", "--kl-warmup", "0", "--beta", "1"])
     # The step as it was before these flags: the model on the batch, then the weighted sum of the losses.
-    before = tiny_step(["--ae-name", ae, "--no-degraded-views"])
+    before = tiny_step(series)
     before.step = 5  # the Siamese pairs' random negatives are the step's own draw (trainstep.step_seed)
     torch.manual_seed(7)
     outputs = before.model(images)
