@@ -71,8 +71,8 @@ def test_the_l2_embedding_is_the_unit_code_the_triplet_reads(ae: str, placement:
     plain, unit = build(ae, placement).eval(), build(ae, placement, "mu-l2").eval()
     x = images()
     with torch.no_grad():
-        code, embedding, z = plain.embed(x), unit.embed(x), unit(x)["z"]
-        logits = unit(x)["logits"]
+        code, embedding, out = plain.embed(x), unit.embed(x), unit(x)
+    z, logits = out["z"], out["logits"]
     assert unit.embed_dim == plain.embed_dim and embedding.shape == code.shape
     torch.testing.assert_close(embedding, code / code.norm(dim=1, keepdim=True))
     torch.testing.assert_close(z, embedding)
