@@ -241,39 +241,14 @@ def split_topk(args: argparse.Namespace) -> dict:
     # eval.py's cache: its features are reused when they match
     cache_dir = eval_inputs.result_folder(options, result_dir, "eval")
     inputs = eval_inputs.prepare_evaluation(options, result_dir, cache_dir, args.corruption)
-    found, prepared = inputs.found, inputs.prepared
     distances = ranking(inputs, args, options, cache_dir)
-    result = rank_split(distances, found, args.split, prepared)
-    chosen = choose_queries(args.queries, found["q_files"], result["ap"], args.seed)
-    score_name = "distance" if args.score == "distance" else "probability"
-    img_size = tuple(inputs.settings["img_size"])
+    result = rank_split(distances, inputs.found, args.split, inputs.prepared)
+    chosen = choose_queries(args.queries, inputs.found["q_files"], result["ap"], args.seed)
     rows, entries = [], []
     for q in tqdm(chosen, desc="grids", unit="query"):
-        reasons = removal_reasons(found["q_pids"][q], found["q_camids"][q], found["q_files"][q], found["g_pids"],
-                                  found["g_camids"], found["g_files"])
-        ap = None if np.isnan(result["ap"][q]) else float(result["ap"][q])
-        tiles = [tile(shown_image(prepared / found["q_files"][q], args.corruption, QUERY_SIDE, q), COLOURS["query"],
-                      [f"Q {found['q_pids'][q]} c{found['q_camids'][q]}", "skipped" if ap is None else
-                       f"AP {100 * ap:.1f}%"], img_size)]
-        rank = 0
-        for g in shown_items(distances[q], reasons, args.k, args.show_removed):
-            removed = reasons[g]
-            rank += not removed
-            match = bool(found["g_pids"][g] == found["q_pids"][q]) and found["g_pids"][g] > 0
-            score = float(distances[q, g]) if args.score == "distance" else 1.0 - float(distances[q, g])
-            colour = COLOURS["removed"] if removed else COLOURS["match" if match else "mismatch"]
-            head = f"{'-' if removed else f'#{rank}'} {found['g_pids'][g]} c{found['g_camids'][g]}"
-            tiles.append(tile(shown_image(prepared / found["g_files"][g], args.corruption, GALLERY_SIDE, g), colour,
-                              [head, f"{score_name[0]} {score:.3f}"], img_size, greyed=bool(removed)))
-            rows.append({"query": found["q_files"][q], "rank": "" if removed else rank, "gallery": found["g_files"][g],
-                         "pid": int(found["g_pids"][g]), "camid": int(found["g_camids"][g]),
-                         score_name: f"{score:.6f}", "match": int(match), "removed": removed})
-        grid_name = f"grids/{Path(found['q_files'][q]).with_suffix('').as_posix().replace('/', '_')}.png"
-        save_image(grid(tiles), out / grid_name)
-        caption = (f"{found['q_files'][q]} · identity {found['q_pids'][q]}, camera {found['q_camids'][q]} · "
-                   + ("skipped: no true match left" if ap is None else f"AP {100 * ap:.1f}%"))
-        entries.append({"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
-                        "camid": int(found["q_camids"][q]), "ap": ap, "grid": grid_name, "caption": caption})
+        query_rows, entry = split_grid(q, distances, result["ap"], inputs, args, out)
+        rows.extend(query_rows)
+        entries.append(entry)
     settings = inputs.settings
     title = f"{settings['backbone']} + {settings['ae']}: top-{args.k} by {args.score} on {args.split}" + (
         "" if args.corruption is None else f", corrupted ({args.corruption.key()})")
@@ -281,18 +256,51 @@ def split_topk(args: argparse.Namespace) -> dict:
                f"{result['num_valid_queries']} queries by this ranking. Frames: blue the query, green the same "
                "person, red another" + (", grey left out by the protocol (same camera or junk)."
                                          if args.show_removed else "."))
-    write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", score_name, "match", "removed"], title,
-                 summary, entries)
-    report = config_record(args, model=settings, data=eval_inputs.data_provenance(options.data, result_dir, prepared),
+    write_tables(out, rows, ["query", "rank", "gallery", "pid", "camid", score_label(args.score), "match",
+                             "removed"], title, summary, entries)
+    report = config_record(args, model=settings,
+                           data=eval_inputs.data_provenance(options.data, result_dir, inputs.prepared),
                            mAP=result["mAP"], rank1=float(result["cmc"][0]), queries=entries)
     write_json(out / "topk.json", report)
     LOG.info("%d grids, ranks.csv and index.html in %s", len(entries), out)
     return report
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Folder search: a plain folder of images as the gallery (--gallery)
-# ---------------------------------------------------------------------------------------------------------
+def score_label(score: str) -> str:
+    """The column name of the shown score: a distance, or the verifier's probability."""
+    return "distance" if score == "distance" else "probability"
+
+
+def split_grid(q: int, distances: np.ndarray, ap: np.ndarray, inputs: eval_inputs.EvaluationInputs,
+                     args: argparse.Namespace, out: Path) -> tuple[list[dict], dict]:
+    """Query q's grid saved under out/grids, with its ranks.csv rows and its index.html entry."""
+    found, prepared, img_size = inputs.found, inputs.prepared, tuple(inputs.settings["img_size"])
+    score_name = score_label(args.score)
+    reasons = removal_reasons(found["q_pids"][q], found["q_camids"][q], found["q_files"][q], found["g_pids"],
+                              found["g_camids"], found["g_files"])
+    query_ap = None if np.isnan(ap[q]) else float(ap[q])
+    tiles = [tile(shown_image(prepared / found["q_files"][q], args.corruption, QUERY_SIDE, q), COLOURS["query"],
+                  [f"Q {found['q_pids'][q]} c{found['q_camids'][q]}", "skipped" if query_ap is None else
+                   f"AP {100 * query_ap:.1f}%"], img_size)]
+    rows, rank = [], 0
+    for g in shown_items(distances[q], reasons, args.k, args.show_removed):
+        removed = reasons[g]
+        rank += not removed
+        match = bool(found["g_pids"][g] == found["q_pids"][q]) and found["g_pids"][g] > 0
+        score = float(distances[q, g]) if args.score == "distance" else 1.0 - float(distances[q, g])
+        colour = COLOURS["removed"] if removed else COLOURS["match" if match else "mismatch"]
+        head = f"{'-' if removed else f'#{rank}'} {found['g_pids'][g]} c{found['g_camids'][g]}"
+        tiles.append(tile(shown_image(prepared / found["g_files"][g], args.corruption, GALLERY_SIDE, g), colour,
+                          [head, f"{score_name[0]} {score:.3f}"], img_size, greyed=bool(removed)))
+        rows.append({"query": found["q_files"][q], "rank": "" if removed else rank, "gallery": found["g_files"][g],
+                     "pid": int(found["g_pids"][g]), "camid": int(found["g_camids"][g]),
+                     score_name: f"{score:.6f}", "match": int(match), "removed": removed})
+    grid_name = f"grids/{Path(found['q_files'][q]).with_suffix('').as_posix().replace('/', '_')}.png"
+    save_image(grid(tiles), out / grid_name)
+    caption = (f"{found['q_files'][q]} · identity {found['q_pids'][q]}, camera {found['q_camids'][q]} · "
+               + ("skipped: no true match left" if query_ap is None else f"AP {100 * query_ap:.1f}%"))
+    return rows, {"query": str(found["q_files"][q]), "pid": int(found["q_pids"][q]),
+                  "camid": int(found["q_camids"][q]), "ap": query_ap, "grid": grid_name, "caption": caption}
 
 
 def folder_side(model: ReIDModel, settings: dict, files: list[Path], args: argparse.Namespace,
