@@ -213,6 +213,28 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int = 20)
 # ---------------------------------------------------------------------------------------------------------
 
 
+def heads_only_step(model: ReIDModel, build: Callable[[ReIDModel], tuple[TrainStep, torch.optim.Optimizer]],
+                    images: torch.Tensor, labels: torch.Tensor, amp: bool) -> Callable[[], None]:
+    """One step of the heads alone on the backbone's feature of images, computed once beforehand."""
+    device = images.device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        feature = model.backbone(images).float()
+    with without_backbone(model):
+        heads_module, heads_optimizer = build(model)
+
+    def heads_forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # a feature has no channels_last
+            return heads_module(feature, labels)
+
+    heads_step = our_step(heads_module, heads_optimizer, train.shared_layer(model), heads_forward)
+
+    def heads_only() -> None:
+        with without_backbone(model):
+            heads_step()
+
+    return heads_only
+
+
 def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[str]) -> dict:
     """Median ms a step of bare, ours and heads for one backbone × autoencoder, and the terms ours computed."""
     device, amp = args.device, args.amp
@@ -239,24 +261,8 @@ def measure(args: argparse.Namespace, backbone_name: str, ae: str, rest: list[st
              "ours": our_step(ours_module, ours_optimizer, shared,
                               lambda: batch_losses(ours_module, images, labels, device,
                                                    torch.bfloat16 if amp else torch.float32))}
-    heads = targs.recon_target == "feature"  # an image target needs the images, which the identity does not pass on
-    if heads:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feature = model.backbone(images).float()
-        with without_backbone(model):
-            heads_module, heads_optimizer = build(model)
-
-        def heads_forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # a feature has no channels_last
-                return heads_module(feature, labels)
-
-        heads_step = our_step(heads_module, heads_optimizer, train.shared_layer(model), heads_forward)
-
-        def heads_only() -> None:
-            with without_backbone(model):
-                heads_step()
-
-        steps["heads"] = heads_only
+    if targs.recon_target == "feature":  # an image target needs the images, which the identity does not pass on
+        steps["heads"] = heads_only_step(model, build, images, labels, amp)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), torch.no_grad():
         _, terms = ours_module(images, labels)
     times = time_in_turns(steps, args.warmup, args.steps, device)
