@@ -74,7 +74,8 @@ def run_method(name: str, build: Callable[[], object], search: Callable[[object]
     return row, found
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags: the embeddings drawn, the search and the IVF cells."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery embeddings")
     parser.add_argument("--dim", type=int, default=512)
@@ -88,26 +89,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args(argv)
-    import faiss
+    return parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    centres = np.random.default_rng(args.seed).standard_normal((args.identities, args.dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    sigma = args.noise / np.sqrt(args.dim)
-    base, gen_s, _ = timed(lambda: clustered_embeddings(args.n, centres, sigma, args.seed + 1))
-    query = side(clustered_embeddings(args.queries, centres, sigma, args.seed + 2), args.n)
-    gal = side(base, 0)
-    print(f"{args.n:,} × {args.dim} embeddings around {args.identities:,} centres ({gen_s:.0f} s to draw), "
-          f"{args.queries:,} queries, top-{args.k}, {args.threads} threads", flush=True)
+
+def compare_methods(args: argparse.Namespace, base: np.ndarray, query: dict, gal: dict) -> list[dict]:
+    """faiss's exact index (the reference), topk.py's torch search and IVF at each --nprobe: a row each."""
     flat_bytes = base.nbytes
     ref, exact = run_method("faiss IndexFlatL2 (exact)",
                             lambda: folder_search.faiss_index(base, "euclidean", "faiss", 1, 1),
                             lambda index: folder_search.faiss_topk(index, query, gal, args.k, "euclidean")[0],
                             args.queries, lambda index: flat_bytes)
-    ref["recall"] = 1.0
-    rows = [ref]
+    rows = [{**ref, "recall": 1.0}]
     row, found = run_method("torch exact_topk (topk.py)", lambda: None,
                             lambda _: folder_search.exact_topk(query, gal, args.k, "euclidean")[0], args.queries,
                             lambda _: flat_bytes)
@@ -120,12 +112,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 lambda index: folder_search.faiss_topk(index, query, gal, args.k, "euclidean")[0],
                                 args.queries, lambda _, b=ivf_bytes: b)
         rows.append({**row, "recall": recall(found, exact)})
-    print(f"\n| method | build s (CPU s) | ms/query (CPU ms) | × exact's ms | recall@{args.k} | memory MiB |")
+    return rows
+
+
+def print_table(rows: list[dict], k: int) -> None:
+    """The rows as a Markdown table, each method's ms a query also as a multiple of the first row's."""
+    ref = rows[0]
+    print(f"\n| method | build s (CPU s) | ms/query (CPU ms) | × exact's ms | recall@{k} | memory MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['build_s']:.1f} ({r['build_cpu_s']:.1f}) | {r['ms_per_query']:.2f} "
               f"({r['cpu_ms_per_query']:.2f}) | {r['ms_per_query'] / ref['ms_per_query']:.3f} | {r['recall']:.3f} | "
               f"{r['memory_mib']:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Draw the embeddings, time each method on them and print the table."""
+    args = parse_args(argv)
+    import faiss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    centres = np.random.default_rng(args.seed).standard_normal((args.identities, args.dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sigma = args.noise / np.sqrt(args.dim)
+    base, gen_s, _ = timed(lambda: clustered_embeddings(args.n, centres, sigma, args.seed + 1))
+    query = side(clustered_embeddings(args.queries, centres, sigma, args.seed + 2), args.n)
+    print(f"{args.n:,} × {args.dim} embeddings around {args.identities:,} centres ({gen_s:.0f} s to draw), "
+          f"{args.queries:,} queries, top-{args.k}, {args.threads} threads", flush=True)
+    rows = compare_methods(args, base, query, side(base, 0))
+    print_table(rows, args.k)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak resident memory of this process: {peak:.0f} MiB")
     if args.json:
