@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import PKSampler, ReIDDataset, build_transforms, load_image, train_loader  # noqa: E402
 from layouts import load_market  # noqa: E402
 from metrics import evaluate_rank, pairwise_distance  # noqa: E402
-from synthetic import PRESETS, preset_config, write_synthetic  # noqa: E402
+from synthetic import PRESETS, SyntheticConfig, preset_config, write_synthetic  # noqa: E402
 from tensor_loader import DecodedTrainLoader, decode_records  # noqa: E402
 from utils import rotated, write_json  # noqa: E402
 
@@ -133,7 +133,8 @@ def loader_rates(records, img_size: tuple[int, int], workers: int, batches: int,
             "batched_over_pil": statistics.median(ratios), "batched_over_pil_each_round": ratios}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The benchmark's flags: the synthetic set, the images timed and the loaders' rounds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default")
     parser.add_argument("--train-ids", type=int, default=None, help="default: the preset's")
@@ -147,10 +148,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="16×4 batches each training loader draws a round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the two loaders, taking turns")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure(args: argparse.Namespace, config: SyntheticConfig) -> dict:
+    """Generate the set in a temporary folder and time decoding, transforms and the two training loaders."""
     torch.set_num_threads(1)  # one loader worker's view
-    ids = {name: getattr(args, name) for name in ("train_ids", "test_ids") if getattr(args, name) is not None}
-    config = preset_config(args.preset, **ids, height=args.size[0], width=args.size[1])
     with tempfile.TemporaryDirectory() as folder:
         generate_s, counts = timed(lambda: write_synthetic(folder, config, progress=False))
         generated = sum(counts.values())
@@ -162,10 +165,17 @@ def main() -> None:
         baseline = pixel_baseline(Path(folder), tuple(args.size))
         loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches, args.rounds)
     decode_rate = args.images / decode_s
-    figures = {"preset": args.preset, "size": list(args.size), "generated_images": generated, "generate_s": generate_s,
+    return {"preset": args.preset, "size": list(args.size), "generated_images": generated, "generate_s": generate_s,
                "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
                "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate,
                **baseline, **loaders}
+
+
+def print_figures(args: argparse.Namespace, config: SyntheticConfig, figures: dict) -> None:
+    """The figures as lines: rates of the synthetic set's stages, then of the two loaders."""
+    f = figures
+    generated, generate_s, decode_rate = f["generated_images"], f["generate_s"], f["decode_images_per_s"]
+    train_rate, test_rate = f["train_transform_images_per_s"], f["test_transform_images_per_s"]
     print(f"synthetic set '{args.preset}', {config.train_ids} + {config.test_ids} identities at "
           f"{args.size[0]}×{args.size[1]}, one thread")
     print(f"  generator                       {generated / generate_s:8.0f} images/s  ({generated} images in "
@@ -173,20 +183,29 @@ def main() -> None:
     print(f"  decode only (reference)         {decode_rate:8.0f} images/s")
     print(f"  decode + training transforms    {train_rate:8.0f} images/s  ({train_rate / decode_rate:.2f}× decode)")
     print(f"  decode + test transforms        {test_rate:8.0f} images/s  ({test_rate / decode_rate:.2f}× decode)")
-    print(f"  raw-pixel nearest neighbour     mAP {100 * baseline['pixel_mAP']:.1f}%, Rank-1 "
-          f"{100 * baseline['pixel_rank1']:.1f}% ({baseline['queries']} queries, {baseline['gallery']} gallery)")
-    print(f"  chance (random distances)       mAP {100 * baseline['chance_mAP']:.1f}%, Rank-1 "
-          f"{100 * baseline['chance_rank1']:.1f}%")
+    print(f"  raw-pixel nearest neighbour     mAP {100 * f['pixel_mAP']:.1f}%, Rank-1 "
+          f"{100 * f['pixel_rank1']:.1f}% ({f['queries']} queries, {f['gallery']} gallery)")
+    print(f"  chance (random distances)       mAP {100 * f['chance_mAP']:.1f}%, Rank-1 "
+          f"{100 * f['chance_rank1']:.1f}%")
     print(f"training loader, 16×4 batches at {args.img_size[0]}×{args.img_size[1]}, {args.workers} workers or threads, "
           f"median of {args.rounds} rounds in turns")
-    print(f"  pil (decode + transforms a sample) {loaders['pil_images_per_s']:8.0f} images/s  "
-          f"{loaders['pil_cpu_ms_per_image']:.2f} CPU ms an image")
-    print(f"  batched (decoded tensor)           {loaders['batched_images_per_s']:8.0f} images/s  "
-          f"{loaders['batched_cpu_ms_per_image']:.2f} CPU ms an image  ({loaders['batched_over_pil']:.1f}× pil; "
-          f"rounds {', '.join(f'{r:.1f}' for r in loaders['batched_over_pil_each_round'])})")
-    print(f"  decoding once                      {loaders['decoded_images']} images in "
-          f"{loaders['decode_once_s']:.1f} s "
-          f"({loaders['decode_once_cpu_s']:.1f} CPU s)")
+    print(f"  pil (decode + transforms a sample) {f['pil_images_per_s']:8.0f} images/s  "
+          f"{f['pil_cpu_ms_per_image']:.2f} CPU ms an image")
+    print(f"  batched (decoded tensor)           {f['batched_images_per_s']:8.0f} images/s  "
+          f"{f['batched_cpu_ms_per_image']:.2f} CPU ms an image  ({f['batched_over_pil']:.1f}× pil; "
+          f"rounds {', '.join(f'{r:.1f}' for r in f['batched_over_pil_each_round'])})")
+    print(f"  decoding once                      {f['decoded_images']} images in "
+          f"{f['decode_once_s']:.1f} s "
+          f"({f['decode_once_cpu_s']:.1f} CPU s)")
+
+
+def main() -> None:
+    """Measure the data pipeline on a fresh synthetic set and print the figures."""
+    args = parse_args()
+    ids = {name: getattr(args, name) for name in ("train_ids", "test_ids") if getattr(args, name) is not None}
+    config = preset_config(args.preset, **ids, height=args.size[0], width=args.size[1])
+    figures = measure(args, config)
+    print_figures(args, config, figures)
     if args.json:
         write_json(args.json, figures)
 
