@@ -111,13 +111,22 @@ CIL_JS_WEIGHT = 12.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags of train.py: the original project's names, and the rest."""
+    """The flags of train.py: the original project's names, and the rest, in groups."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--config", type=Path, help="a recipe file: YAML whose keys are these flags' names (configs/ holds the "
         "project's; a result's config.json is one too); flags given on the command line win")
     add("--data", type=Path, default=Path("data/prepared"), help="prepared root written by prepare.py")
     add("--result-dir", type=Path, default=None, help="where results go (default runs/<backbone>_<ae>)")
+    for add_group in (add_model_flags, add_view_flags, add_weight_flags, add_optimisation_flags, add_loss_flags,
+                      add_running_flags):
+        add_group(parser)
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model's flags: backbone, autoencoder, where it sits and what is the embedding."""
+    add = parser.add_argument_group("model").add_argument
     add("--backbone-name", default="resnet50", help="resnet18..152, densenet121..201, vgg11..19[_bn], swin_t/s/b, "
         "timm:<name>")
     add("--ae-name", default="sae", help=f"autoencoder: {', '.join(AE_NAMES)} (default sae as a branch, with degraded "
@@ -128,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
         "feature (BoT's) and the autoencoder beside it reads that feature, only its reconstruction reaching the "
         "backbone; residual, a feature denoiser: the embedding is f + D(E(f)), drawn towards the clean view's "
         "feature by the reconstruction term (ignored by --ae-name none)")
+    add("--embedding", choices=EMBEDDINGS, default="mu-l2",
+        help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
+        "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
+        "BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; mu+latent "
+        "(branch), the L2-normalised code beside the autoencoder's L2-normalised μ, read by them too")
+    add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
+    add("--recon-target", choices=RECON_TARGETS, default="feature",
+        help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")
+
+
+def add_view_flags(parser: argparse.ArgumentParser) -> None:
+    """The training views' flags: degraded or AugMix views and the consistency terms."""
+    add = parser.add_argument_group("views and consistency").add_argument
     add("--degraded-views", action=argparse.BooleanOptionalAction, default=True,
         help="train on degraded views (degradations.py: blocks, lighting, box blur, noise; default on, "
         "--no-degraded-views for clean batches): every loss sees the degraded view, except that an autoencoder's "
@@ -144,22 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--js", type=float, default=None,
         help=f"weight of the Jensen–Shannon consistency of the views' identity predictions (default {CIL_JS_WEIGHT:g}, "
         "CIL's, with --augmix; needs --augmix)")
-    add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
-    add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
-    add("--embedding", choices=EMBEDDINGS, default="mu-l2",
-        help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
-        "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
-        "BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; mu+latent "
-        "(branch), the L2-normalised code beside the autoencoder's L2-normalised μ, read by them too")
+
+
+def add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags naming the weights a run starts from."""
+    add = parser.add_argument_group("weights to start from").add_argument
     add("--pretrained", default="imagenet",
         help="imagenet: the library's ImageNet weights (torchvision's DEFAULT, or timm's), downloaded once into its "
         "cache; a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, ...); a state-dict file; or none")
-    add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
-    add("--recon-target", choices=RECON_TARGETS, default="feature",
-        help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")
     add("--pre-backbone", type=Path, help="backbone weights: a file or a result directory")
     add("--pre-ae", type=Path, help="autoencoder weights: a file or a result directory")
     add("--pre-classifier", type=Path, help="classifier and Siamese head weights: a file or a result directory")
+
+
+def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
+    """The optimiser's, schedule's and batches' flags."""
+    add = parser.add_argument_group("optimisation").add_argument
     add("--lr", type=float, default=3.5e-4, help="learning rate of backbone and autoencoder")
     add("--lr-classifier", type=float, default=3.5e-4, help="learning rate of classifier and Siamese head")
     add("--weight-decay", type=float, default=5e-4)
@@ -175,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--img-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
     add("--erasing", type=float, default=0.5, help="random-erasing probability")
     add("--lighting", action="store_true", help="add brightness/contrast/colour jitter")
+
+
+def add_loss_flags(parser: argparse.ArgumentParser) -> None:
+    """The loss terms' weights and settings, and how the weights are balanced."""
+    add = parser.add_argument_group("loss terms").add_argument
     add("--triplet", type=float, default=1.0, help="weight of the batch-hard triplet loss")
     add("--id", type=float, default=1.0, help="weight of the identity cross-entropy")
     add("--kl", type=float, default=1e-3, help="weight of the KL divergence (vae only)")
@@ -193,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sparsity-target", type=float, default=0.05, help="target mean activation ρ of the sparse code")
     add("--sparsity-mode", choices=SPARSITY_MODES, default="kl",
         help="sparsity penalty of sae's code: kl, KL(ρ‖ρ̂) summed over units; l1, the code's L1 norm")
+    add("--kl-warmup", type=float, default=0.0, help="epochs over which the KL's β ramps linearly from 0 (vae)")
+    add("--beta", type=float, default=1.0, help="β: the KL term's weight is --kl × β after the warm-up (vae)")
+
+
+def add_running_flags(parser: argparse.ArgumentParser) -> None:
+    """How the run executes: device, precision, loaders, validation, checkpoints, logging."""
+    add = parser.add_argument_group("running").add_argument
     add("--amp", action="store_true", help="autocast and channels_last on CUDA: bfloat16 where the GPU has it "
         "natively, else float16 with a dynamic loss scale")
     add("--device", default="auto")
@@ -218,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on CUDA; SyncBatchNorm does not run on the CPU)")
     add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
         help="write TensorBoard event files under <result-dir>/tensorboard (default on)")
-    return parser
+
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
