@@ -166,14 +166,13 @@ def measure(args: argparse.Namespace, config: SyntheticConfig) -> dict:
         loaders = loader_rates(records, tuple(args.img_size), args.workers, args.batches, args.rounds)
     decode_rate = args.images / decode_s
     return {"preset": args.preset, "size": list(args.size), "generated_images": generated, "generate_s": generate_s,
-               "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
-               "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate,
-               **baseline, **loaders}
+            "generate_images_per_s": generated / generate_s, "decode_images_per_s": decode_rate,
+            "train_transform_images_per_s": train_rate, "test_transform_images_per_s": test_rate,
+            **baseline, **loaders}
 
 
-def print_figures(args: argparse.Namespace, config: SyntheticConfig, figures: dict) -> None:
-    """The figures as lines: rates of the synthetic set's stages, then of the two loaders."""
-    f = figures
+def print_figures(args: argparse.Namespace, config: SyntheticConfig, f: dict) -> None:
+    """The figures f as lines: rates of the synthetic set's stages, then of the two loaders."""
     generated, generate_s, decode_rate = f["generated_images"], f["generate_s"], f["decode_images_per_s"]
     train_rate, test_rate = f["train_transform_images_per_s"], f["test_transform_images_per_s"]
     print(f"synthetic set '{args.preset}', {config.train_ids} + {config.test_ids} identities at "
