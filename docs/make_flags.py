@@ -19,7 +19,8 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_MD = ROOT / "docs" / "flags.md"
 # Each script's parser comes from its build_parser(), in this order.
-SCRIPTS = ("prepare.py", "train.py", "eval.py", "topk.py", "export.py", "studies/pairings.py")
+SCRIPTS = ("prepare.py", "train.py", "eval.py", "topk.py", "export.py", "studies/pairings.py",
+           "studies/denoiser.py")
 # Defaults computed from the machine's cores, shown as what they are rather than this machine's number.
 MACHINE_DEFAULTS = {("prepare.py", "workers"): "cores, at most 8", ("train.py", "workers"): "cores, at most 8"}
 # Scripts that hand the flags they do not know on to another script's parser.

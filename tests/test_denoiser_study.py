@@ -1,0 +1,74 @@
+"""studies/denoiser.py: the residual denoiser's figures before and after it, against eval.py's."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from conftest import ROOT, SHORT_SCHEDULE
+from corruptions import CorruptionSettings
+from utils import UserError, read_json
+
+sys.path.insert(0, str(ROOT / "studies"))
+import denoiser  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def residual_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet18 + dae as a residual denoiser with the mu-l2 embedding, one epoch on degraded views."""
+    result = tmp_path_factory.mktemp("denoiser") / "run"
+    train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
+                "--backbone-name", "resnet18", "--ae-name", "dae", "--ae-placement", "residual", "--degraded-views",
+                "--embedding", "mu-l2", "--latent-dim", "32", "--img-size", "64", "32", "--batch-p", "4",
+                "--batch-k", "2", "--workers", "0", "--quiet"])
+    return result
+
+
+def test_after_the_denoiser_the_figures_are_eval_pys(residual_run: Path, synthetic_prepared: Path):
+    evaluation.main(["--result-dir", str(residual_run), "--workers", "0", "--corrupt", "all", "--severity", "all",
+                     "--corrupt-seed", "0"])
+    report = read_json(residual_run / "eval" / "results.json")
+    runs = denoiser.main(["--data", str(synthetic_prepared), str(residual_run)])
+    after = runs[0]["after"]
+    assert after["clean"]["mAP"] == pytest.approx(report["mAP"], abs=1e-6)
+    assert after["clean"]["rank1"] == pytest.approx(report["rank1"], abs=1e-6)
+    corrupted = report["corrupted"][CorruptionSettings().key()]
+    assert after["corrupted"]["mAP"] == pytest.approx(corrupted["mAP"], abs=1e-6)
+    assert read_json(residual_run / "eval" / "denoiser.json") == runs[0]
+
+
+def test_with_the_denoiser_zeroed_before_and_after_are_the_same(residual_run: Path, synthetic_prepared: Path):
+    model = denoiser.residual_model(residual_run, "cpu")
+    last = [m for m in model.ae.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    figures = denoiser.denoiser_figures(model, synthetic_prepared, "test", CorruptionSettings())
+    assert figures["before"] == figures["after"]
+    assert figures["correction"] == {"clean": 0.0, "corrupted": 0.0}
+
+
+def test_mean_cosine_matches_a_hand_worked_value():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 1.0], [-3.0, -4.0]])
+    assert denoiser.mean_cosine(a, b) == pytest.approx((1 + 1 / math.sqrt(2) - 1) / 3)
+
+
+def test_a_run_that_is_not_a_residual_denoiser_is_named(tiny_run: Path):
+    with pytest.raises(UserError, match=r"--ae-placement series .* expected --ae-placement residual"):
+        denoiser.residual_model(tiny_run, "cpu")
+
+
+def test_the_summary_is_the_mean_and_spread_over_runs():
+    def run(clean: float, corrupted: float, cosine: float) -> dict:
+        stage = {"clean": {"mAP": clean}, "corrupted": {"mAP": corrupted}, "clean_corrupted_cosine": cosine}
+        return {"before": stage, "after": stage}
+
+    rows = denoiser.summary_rows([run(0.5, 0.2, 0.8), run(0.7, 0.4, 0.6)])
+    assert rows[0] == ("before", "60.0 ± 14.1", "30.0 ± 14.1", "70.0 ± 14.1")
+    assert denoiser.summary_rows([run(0.5, 0.2, 0.8)])[1] == ("after", "50.0", "20.0", "80.0")
