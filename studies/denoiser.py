@@ -93,8 +93,8 @@ def denoiser_figures(model: ReIDModel, prepared: Path, split: str, corruption: C
 
 def summary_rows(runs: list[dict]) -> list[tuple[str, str, str, str]]:
     """Per stage: clean mAP, corrupted mAP and the clean-to-corrupted cosine, each as mean ± std over runs."""
-    def cell(values: list[float], scale: float = 100.0) -> str:
-        mean, std = seed_stats([scale * v for v in values])
+    def cell(values: list[float]) -> str:
+        mean, std = seed_stats([100 * v for v in values])
         return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
     return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage]["corrupted"]["mAP"] for r in runs]),
