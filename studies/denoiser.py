@@ -1,18 +1,20 @@
-"""The residual denoiser's share of a run's robustness: test mAP and Rank-1, clean and corrupted by eval.py's
-Market-1501-C protocol, with the embedding read before the denoiser (the backbone feature f) and after it
-(f + D(E(f)), the run's embedding), and how far each image's corrupted embedding lies from its clean one.
+"""The residual denoiser's share of a run's robustness: test mAP and Rank-1, clean and on a second view of each
+test image, with the embedding read before the denoiser (the backbone feature f) and after it (f + D(E(f)), the
+run's embedding), and how far each image's second-view embedding lies from its clean one. The second view is
+eval.py's Market-1501-C protocol (`--view corrupted`) or train.py's degraded views, every image degraded
+(`--view degraded`: the degradations the denoiser was trained to undo).
 
 python studies/denoiser.py --data data/prepared-hard runs/placement/resnet18_dae+residual+deg+l2 \
     runs/placement/resnet18_dae+residual+deg+l2_seed1 runs/placement/resnet18_dae+residual+deg+l2_seed2
 
-Each run's figures go to RUN/eval/denoiser.json; the table (mean ± std over the runs) is printed.
+Each run's figures go to RUN/eval/denoiser_<view>.json; the table (mean ± std over the runs) is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corruptions import CorruptedImages, CorruptionSettings, corruption_draws  # noqa: E402
 from datasets import load_eval_records  # noqa: E402
+from degradations import degrade  # noqa: E402
 from embedding import ImageList  # noqa: E402
 from metrics import embedding_distance, evaluate_rank  # noqa: E402
 from model import ReIDModel, load_trained  # noqa: E402
@@ -35,6 +38,8 @@ from utils import UserError, setup_logging, write_json  # noqa: E402
 STAGES = ("before", "after")  # the backbone feature f; the denoised feature f + D(E(f))
 # Embeddings whose retrieval reads the code alone, so the feature before the denoiser ranks the same way.
 CODE_EMBEDDINGS = ("mu", "mu-l2")
+# The second view of each test image: the benchmark's corruptions, or the training degradations.
+VIEWS = ("corrupted", "degraded")
 
 
 def residual_model(result_dir: Path, device: str) -> ReIDModel:
@@ -46,15 +51,23 @@ def residual_model(result_dir: Path, device: str) -> ReIDModel:
     return model
 
 
+def degraded_view(seed: int) -> Callable[[Tensor], Tensor]:
+    """train.py's degraded view of a normalised batch, every image degraded, drawn from a generator seeded once."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda batch: degrade(batch, generator, 1.0)
+
+
 @torch.no_grad()
-def stage_features(model: ReIDModel, images: Sequence, batch_size: int = 64) -> dict[str, Tensor]:
-    """Each image's backbone feature (before) and denoised feature (after), in order, on the CPU."""
+def stage_features(model: ReIDModel, images: Sequence, view: Callable[[Tensor], Tensor] | None = None,
+                   batch_size: int = 64) -> dict[str, Tensor]:
+    """Each image's backbone feature (before) and denoised feature (after), in order, on the CPU; `view` changes
+    each loaded batch first."""
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(ImageList(images, model.img_size), batch_size=batch_size, shuffle=False)
     found: dict[str, list[Tensor]] = {stage: [] for stage in STAGES}
     for batch, _, _ in tqdm(loader, desc="features", unit="batch", leave=False):
-        feat = model.backbone(batch.to(device)).float()
+        feat = model.backbone((batch if view is None else view(batch)).to(device)).float()
         found["before"].append(feat.cpu())
         found["after"].append(model.code(feat).cpu())
     return {stage: torch.cat(parts) for stage, parts in found.items()}
@@ -72,33 +85,43 @@ def ranking(features: Tensor, pids: np.ndarray, camids: np.ndarray, num_query: i
     return {"mAP": result["mAP"], "rank1": float(result["cmc"][0])}
 
 
-def denoiser_figures(model: ReIDModel, prepared: Path, split: str, corruption: CorruptionSettings) -> dict:
-    """Clean and corrupted mAP and Rank-1 before and after the denoiser, the mean clean-to-corrupted cosine of
-    each stage, and the denoiser's mean correction ‖D(E(f))‖ / ‖f‖ on clean and corrupted images."""
+def second_view(model: ReIDModel, paths: list, view: str, seed: int, num_query: int) -> dict[str, Tensor]:
+    """Both stages' features of the images' second view: corrupted by eval.py's draws (`seed` its
+    --corrupt-seed, queries first) or degraded as in training (`seed` the generator's)."""
+    if view == "degraded":
+        return stage_features(model, paths, degraded_view(seed))
+    draws = corruption_draws(CorruptionSettings(seed=seed), num_query, len(paths) - num_query)
+    return stage_features(model, CorruptedImages(paths, draws))
+
+
+def denoiser_figures(model: ReIDModel, prepared: Path, split: str, view: str = "corrupted", seed: int = 0) -> dict:
+    """Clean and second-view mAP and Rank-1 before and after the denoiser, the mean clean-to-view cosine of each
+    stage, the denoiser's mean correction ‖D(E(f))‖ / ‖f‖ on clean and second-view images, and the mean cosine
+    of each stage's second-view feature with the clean backbone feature (the denoiser's training target)."""
     query, gallery = load_eval_records(prepared, split)
     records = query + gallery
     paths = [r.path for r in records]
     pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
-    views = {"clean": stage_features(model, paths),
-             "corrupted": stage_features(model, CorruptedImages(paths, corruption_draws(corruption, len(query),
-                                                                                         len(gallery))))}
-    figures: dict = {stage: {view: ranking(found[stage], pids, camids, len(query)) for view, found in views.items()}
+    views = {"clean": stage_features(model, paths), view: second_view(model, paths, view, seed, len(query))}
+    figures: dict = {stage: {name: ranking(found[stage], pids, camids, len(query)) for name, found in views.items()}
                      for stage in STAGES}
     for stage in STAGES:
-        figures[stage]["clean_corrupted_cosine"] = mean_cosine(views["clean"][stage], views["corrupted"][stage])
-    figures["correction"] = {view: ((found["after"] - found["before"]).norm(dim=1) /
-                                    found["before"].norm(dim=1)).mean().item() for view, found in views.items()}
-    return {"split": split, "corruption": corruption.key(), **figures}
+        figures[stage][f"clean_{view}_cosine"] = mean_cosine(views["clean"][stage], views[view][stage])
+    figures["correction"] = {name: ((found["after"] - found["before"]).norm(dim=1) /
+                                    found["before"].norm(dim=1)).mean().item() for name, found in views.items()}
+    # What the denoiser is trained for: the second view's feature carried towards the clean image's backbone feature.
+    figures["to_clean_feature"] = {stage: mean_cosine(views[view][stage], views["clean"]["before"]) for stage in STAGES}
+    return {"split": split, "view": view, "seed": seed, **figures}
 
 
-def summary_rows(runs: list[dict]) -> list[tuple[str, str, str, str]]:
-    """Per stage: clean mAP, corrupted mAP and the clean-to-corrupted cosine, each as mean ± std over runs."""
+def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, str, str, str]]:
+    """Per stage: clean mAP, the second view's mAP and the clean-to-view cosine, each as mean ± std over runs."""
     def cell(values: list[float]) -> str:
         mean, std = seed_stats([100 * v for v in values])
         return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
-    return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage]["corrupted"]["mAP"] for r in runs]),
-             cell([r[stage]["clean_corrupted_cosine"] for r in runs])) for stage in STAGES]
+    return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage][view]["mAP"] for r in runs]),
+             cell([r[stage][f"clean_{view}_cosine"] for r in runs])) for stage in STAGES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("runs", type=Path, nargs="+", help="result directories of runs trained with --ae-placement residual")
     add("--data", type=Path, required=True, help="the prepared data set the runs were trained on")
     add("--split", default="test", help="the split to rank (test, val, all_vs_all_test or all_vs_all_val)")
-    add("--corrupt-seed", type=int, default=0, help="the seed of the corruption draws (eval.py's --corrupt-seed)")
+    add("--view", choices=VIEWS, default="corrupted",
+        help="each test image's second view: eval.py's corruptions (--corrupt all --severity all) or train.py's "
+             "degraded views, every image degraded")
+    add("--view-seed", type=int, default=0,
+        help="the seed of the second view's draws (eval.py's --corrupt-seed for corrupted)")
     add("--device", default="cpu", help="where the models run: cpu, cuda, cuda:N")
     return parser
 
@@ -115,17 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     setup_logging()
-    corruption = CorruptionSettings(seed=args.corrupt_seed)
     runs = []
     for run in args.runs:
-        figures = denoiser_figures(residual_model(run, args.device), args.data, args.split, corruption)
-        write_json(run / "eval" / "denoiser.json", figures)
+        figures = denoiser_figures(residual_model(run, args.device), args.data, args.split, args.view, args.view_seed)
+        write_json(run / "eval" / f"denoiser_{args.view}.json", figures)
         runs.append(figures)
-    print("| embedding | clean mAP | corrupted mAP | clean-to-corrupted cosine × 100 |\n|---|---:|---:|---:|")
-    for stage, clean, corrupted, cosine in summary_rows(runs):
-        print(f"| {stage} the denoiser | {clean} | {corrupted} | {cosine} |")
-    correction = [seed_stats([100 * r["correction"][view] for r in runs])[0] for view in ("clean", "corrupted")]
-    print(f"mean correction ‖D(E(f))‖ / ‖f‖: {correction[0]:.1f} % clean, {correction[1]:.1f} % corrupted")
+    print(f"| embedding | clean mAP | {args.view} mAP | clean-to-{args.view} cosine × 100 |\n|---|---:|---:|---:|")
+    for stage, clean, other, cosine in summary_rows(runs, args.view):
+        print(f"| {stage} the denoiser | {clean} | {other} | {cosine} |")
+    correction = [seed_stats([100 * r["correction"][name] for r in runs])[0] for name in ("clean", args.view)]
+    print(f"mean correction ‖D(E(f))‖ / ‖f‖: {correction[0]:.1f} % clean, {correction[1]:.1f} % {args.view}")
+    to_clean = [seed_stats([100 * r["to_clean_feature"][stage] for r in runs])[0] for stage in STAGES]
+    print(f"mean cosine × 100 of the {args.view} feature with the clean backbone feature (the denoiser's target): "
+          f"{to_clean[0]:.1f} before the denoiser, {to_clean[1]:.1f} after it")
     return runs
 
 

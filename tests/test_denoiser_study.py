@@ -13,6 +13,7 @@ import eval as evaluation
 import train
 from conftest import ROOT, SHORT_SCHEDULE
 from corruptions import CorruptionSettings
+from degradations import degrade
 from utils import UserError, read_json
 
 sys.path.insert(0, str(ROOT / "studies"))
@@ -40,17 +41,40 @@ def test_after_the_denoiser_the_figures_are_eval_pys(residual_run: Path, synthet
     assert after["clean"]["rank1"] == pytest.approx(report["rank1"], abs=1e-6)
     corrupted = report["corrupted"][CorruptionSettings().key()]
     assert after["corrupted"]["mAP"] == pytest.approx(corrupted["mAP"], abs=1e-6)
-    assert read_json(residual_run / "eval" / "denoiser.json") == runs[0]
+    assert read_json(residual_run / "eval" / "denoiser_corrupted.json") == runs[0]
 
 
-def test_with_the_denoiser_zeroed_before_and_after_are_the_same(residual_run: Path, synthetic_prepared: Path):
+@pytest.mark.parametrize("view", denoiser.VIEWS)
+def test_with_the_denoiser_zeroed_before_and_after_are_the_same(residual_run: Path, synthetic_prepared: Path,
+                                                                 view: str):
     model = denoiser.residual_model(residual_run, "cpu")
     last = [m for m in model.ae.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
-    figures = denoiser.denoiser_figures(model, synthetic_prepared, "test", CorruptionSettings())
+    figures = denoiser.denoiser_figures(model, synthetic_prepared, "test", view)
     assert figures["before"] == figures["after"]
-    assert figures["correction"] == {"clean": 0.0, "corrupted": 0.0}
+    assert figures["correction"] == {"clean": 0.0, view: 0.0}
+    assert figures["to_clean_feature"]["before"] == figures["to_clean_feature"]["after"]
+    assert figures["to_clean_feature"]["before"] == pytest.approx(figures["before"][f"clean_{view}_cosine"])
+
+
+def test_the_degraded_view_is_the_training_degradation_of_every_image():
+    batch = torch.randn(6, 3, 16, 8)
+    view = denoiser.degraded_view(3)
+    expected = degrade(batch, torch.Generator().manual_seed(3), 1.0)
+    first = view(batch)
+    assert torch.equal(first, expected)
+    assert all(not torch.equal(first[i], batch[i]) for i in range(len(batch)))
+    assert not torch.equal(view(batch), first)  # the generator goes on: the next batch gets draws of its own
+
+
+def test_the_degraded_view_changes_the_features_and_repeats_with_its_seed(residual_run: Path,
+                                                                          synthetic_prepared: Path):
+    model = denoiser.residual_model(residual_run, "cpu")
+    figures = denoiser.denoiser_figures(model, synthetic_prepared, "test", "degraded", seed=1)
+    assert figures["view"] == "degraded" and figures["seed"] == 1
+    assert 0 < figures["before"]["clean_degraded_cosine"] < 1
+    assert denoiser.denoiser_figures(model, synthetic_prepared, "test", "degraded", seed=1) == figures
 
 
 def test_mean_cosine_matches_a_hand_worked_value():
