@@ -17,6 +17,7 @@ import torch
 from corruptions import CORRUPTIONS, SEVERITIES, CorruptedImages, CorruptionSettings, corruption_draws
 from datasets import (
     SPLITS,
+    ImageRecord,
     dataset_identity,
     load_eval_records,
     manifest_path,
@@ -155,6 +156,21 @@ def feature_cache_key(settings: dict, manifest: Path, flip: bool, corruption: Co
     return digest.hexdigest()
 
 
+def split_images(prepared: Path, split: str,
+                 corruption: CorruptionSettings | None = None) -> tuple[list[ImageRecord], int, Sequence]:
+    """A split's query then gallery records, the number of queries, and their images: the files, or with
+    `corruption` the images corrupted by the Market-1501-C protocol."""
+    query, gallery = load_eval_records(prepared, split)
+    if not query or not gallery:
+        raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
+                        "both must be non-empty")
+    records = query + gallery
+    paths = [r.path for r in records]
+    if corruption is None:
+        return records, len(query), paths
+    return records, len(query), CorruptedImages(paths, corruption_draws(corruption, len(query), len(gallery)))
+
+
 def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str, flip: bool, cache: Path | None,
                    batch_size: int = 128, workers: int = 2,
                    corruption: CorruptionSettings | None = None) -> dict[str, np.ndarray]:
@@ -165,21 +181,12 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
     if cached is not None:
         LOG.info("features from %s", cache)
         return cached
-    query, gallery = load_eval_records(prepared, split)
-    if not query or not gallery:
-        raise UserError(f"split '{split}' of {prepared}: {len(query)} query and {len(gallery)} gallery images; "
-                        "both must be non-empty")
-    records = query + gallery
-    paths = [r.path for r in records]
-    draws = None if corruption is None else corruption_draws(corruption, len(query), len(gallery))
-    images = paths if draws is None else CorruptedImages(paths, draws)
+    records, n, images = split_images(prepared, split, corruption)
     features = embed_images(model, images, batch_size, flip, workers, progress=True).numpy()
     pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
-    n = len(query)
+    files = np.array([str(Path(r.path).relative_to(prepared)) for r in records])
     found = {"qf": features[:n], "gf": features[n:], "q_pids": pids[:n], "g_pids": pids[n:],
-             "q_camids": camids[:n], "g_camids": camids[n:],
-             "q_files": np.array([str(Path(r.path).relative_to(prepared)) for r in query]),
-             "g_files": np.array([str(Path(r.path).relative_to(prepared)) for r in gallery])}
+             "q_camids": camids[:n], "g_camids": camids[n:], "q_files": files[:n], "g_files": files[n:]}
     write_npz_cache(cache, key, found)
     return found
 

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from corruptions import CorruptedImages, CorruptionSettings, corruption_draws  # noqa: E402
-from datasets import load_eval_records  # noqa: E402
+from corruptions import CorruptionSettings  # noqa: E402
 from degradations import degrade  # noqa: E402
 from embedding import ImageList  # noqa: E402
+from eval_inputs import split_images  # noqa: E402
 from metrics import embedding_distance, evaluate_rank  # noqa: E402
 from model import ReIDModel, load_trained  # noqa: E402
 from studies.pairings import seed_stats  # noqa: E402
@@ -85,25 +85,22 @@ def ranking(features: Tensor, pids: np.ndarray, camids: np.ndarray, num_query: i
     return {"mAP": result["mAP"], "rank1": float(result["cmc"][0])}
 
 
-def second_view(model: ReIDModel, paths: list, view: str, seed: int, num_query: int) -> dict[str, Tensor]:
-    """Both stages' features of the images' second view: corrupted by eval.py's draws (`seed` its
-    --corrupt-seed, queries first) or degraded as in training (`seed` the generator's)."""
+def second_view(model: ReIDModel, prepared: Path, split: str, view: str, seed: int) -> dict[str, Tensor]:
+    """Both stages' features of the split's second view: corrupted by eval.py's draws (`seed` its
+    --corrupt-seed) or degraded as in training (`seed` the generator's)."""
     if view == "degraded":
-        return stage_features(model, paths, degraded_view(seed))
-    draws = corruption_draws(CorruptionSettings(seed=seed), num_query, len(paths) - num_query)
-    return stage_features(model, CorruptedImages(paths, draws))
+        return stage_features(model, split_images(prepared, split)[2], degraded_view(seed))
+    return stage_features(model, split_images(prepared, split, CorruptionSettings(seed=seed))[2])
 
 
 def denoiser_figures(model: ReIDModel, prepared: Path, split: str, view: str = "corrupted", seed: int = 0) -> dict:
     """Clean and second-view mAP and Rank-1 before and after the denoiser, the mean clean-to-view cosine of each
     stage, the denoiser's mean correction ‖D(E(f))‖ / ‖f‖ on clean and second-view images, and the mean cosine
     of each stage's second-view feature with the clean backbone feature (the denoiser's training target)."""
-    query, gallery = load_eval_records(prepared, split)
-    records = query + gallery
-    paths = [r.path for r in records]
+    records, num_query, paths = split_images(prepared, split)
     pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
-    views = {"clean": stage_features(model, paths), view: second_view(model, paths, view, seed, len(query))}
-    figures: dict = {stage: {name: ranking(found[stage], pids, camids, len(query)) for name, found in views.items()}
+    views = {"clean": stage_features(model, paths), view: second_view(model, prepared, split, view, seed)}
+    figures: dict = {stage: {name: ranking(found[stage], pids, camids, num_query) for name, found in views.items()}
                      for stage in STAGES}
     for stage in STAGES:
         figures[stage][f"clean_{view}_cosine"] = mean_cosine(views["clean"][stage], views[view][stage])
