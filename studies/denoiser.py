@@ -4,7 +4,7 @@ run's embedding), and how far each image's second-view embedding lies from its c
 eval.py's Market-1501-C protocol (`--view corrupted`) or train.py's degraded views, every image degraded
 (`--view degraded`: the degradations the denoiser was trained to undo).
 
-python studies/denoiser.py --data data/prepared-hard runs/placement/resnet18_dae+residual+deg+l2 \
+python studies/denoiser.py --data data/prepared-hard --view degraded runs/placement/resnet18_dae+residual+deg+l2 \
     runs/placement/resnet18_dae+residual+deg+l2_seed1 runs/placement/resnet18_dae+residual+deg+l2_seed2
 
 Each run's figures go to RUN/eval/denoiser_<view>.json; the table (mean ± std over the runs) is printed.
@@ -111,14 +111,16 @@ def denoiser_figures(model: ReIDModel, prepared: Path, split: str, view: str = "
     return {"split": split, "view": view, "seed": seed, **figures}
 
 
-def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, str, str, str]]:
-    """Per stage: clean mAP, the second view's mAP and the clean-to-view cosine, each as mean ± std over runs."""
+def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, ...]]:
+    """Per stage: clean mAP, the second view's mAP, the clean-to-view cosine and the view-to-clean-feature cosine,
+    each as mean ± std over runs."""
     def cell(values: list[float]) -> str:
         mean, std = seed_stats([100 * v for v in values])
         return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
     return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage][view]["mAP"] for r in runs]),
-             cell([r[stage][f"clean_{view}_cosine"] for r in runs])) for stage in STAGES]
+             cell([r[stage][f"clean_{view}_cosine"] for r in runs]),
+             cell([r["to_clean_feature"][stage] for r in runs])) for stage in STAGES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,14 +146,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         figures = denoiser_figures(residual_model(run, args.device), args.data, args.split, args.view, args.view_seed)
         write_json(run / "eval" / f"denoiser_{args.view}.json", figures)
         runs.append(figures)
-    print(f"| embedding | clean mAP | {args.view} mAP | clean-to-{args.view} cosine × 100 |\n|---|---:|---:|---:|")
-    for stage, clean, other, cosine in summary_rows(runs, args.view):
-        print(f"| {stage} the denoiser | {clean} | {other} | {cosine} |")
+    print(f"| embedding | clean mAP | {args.view} mAP | clean-to-view cosine × 100 | view-to-clean-feature cosine "
+          "× 100 |\n|---|---:|---:|---:|---:|")
+    for stage, *cells in summary_rows(runs, args.view):
+        print(f"| {stage} the denoiser | {' | '.join(cells)} |")
     correction = [seed_stats([100 * r["correction"][name] for r in runs])[0] for name in ("clean", args.view)]
-    print(f"mean correction ‖D(E(f))‖ / ‖f‖: {correction[0]:.1f} % clean, {correction[1]:.1f} % {args.view}")
-    to_clean = [seed_stats([100 * r["to_clean_feature"][stage] for r in runs])[0] for stage in STAGES]
-    print(f"mean cosine × 100 of the {args.view} feature with the clean backbone feature (the denoiser's target): "
-          f"{to_clean[0]:.1f} before the denoiser, {to_clean[1]:.1f} after it")
+    print(f"mean correction ‖D(E(f))‖ / ‖f‖: {correction[0]:.1f} % clean, {correction[1]:.1f} % {args.view}; the "
+          "view-to-clean-feature cosine compares each stage's feature of the view with the clean image's backbone "
+          "feature, the denoiser's training target")
     return runs
 
 

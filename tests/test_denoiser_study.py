@@ -89,10 +89,11 @@ def test_a_run_that_is_not_a_residual_denoiser_is_named(tiny_run: Path):
 
 
 def test_the_summary_is_the_mean_and_spread_over_runs():
-    def run(clean: float, corrupted: float, cosine: float) -> dict:
+    def run(clean: float, corrupted: float, cosine: float, to_clean: float) -> dict:
         stage = {"clean": {"mAP": clean}, "corrupted": {"mAP": corrupted}, "clean_corrupted_cosine": cosine}
-        return {"before": stage, "after": stage}
+        return {"before": stage, "after": stage, "to_clean_feature": {"before": to_clean, "after": to_clean / 2}}
 
-    rows = denoiser.summary_rows([run(0.5, 0.2, 0.8), run(0.7, 0.4, 0.6)])
-    assert rows[0] == ("before", "60.0 ± 14.1", "30.0 ± 14.1", "70.0 ± 14.1")
-    assert denoiser.summary_rows([run(0.5, 0.2, 0.8)])[1] == ("after", "50.0", "20.0", "80.0")
+    rows = denoiser.summary_rows([run(0.5, 0.2, 0.8, 0.9), run(0.7, 0.4, 0.6, 0.7)])
+    assert rows[0] == ("before", "60.0 ± 14.1", "30.0 ± 14.1", "70.0 ± 14.1", "80.0 ± 14.1")
+    assert rows[1][4] == "40.0 ± 7.1"
+    assert denoiser.summary_rows([run(0.5, 0.2, 0.8, 0.9)])[1] == ("after", "50.0", "20.0", "80.0", "45.0")
