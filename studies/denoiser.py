@@ -30,8 +30,9 @@ from corruptions import CorruptionSettings  # noqa: E402
 from degradations import degrade  # noqa: E402
 from embedding import ImageList  # noqa: E402
 from eval_inputs import split_images  # noqa: E402
-from metrics import embedding_distance, evaluate_rank  # noqa: E402
+from metrics import embedding_distance, rank_split  # noqa: E402
 from model import ReIDModel, load_trained  # noqa: E402
+from studies.pairings import cell as pairings_cell  # noqa: E402
 from studies.pairings import seed_stats  # noqa: E402
 from utils import UserError, setup_logging, write_json  # noqa: E402
 
@@ -78,10 +79,12 @@ def mean_cosine(a: Tensor, b: Tensor) -> float:
     return F.cosine_similarity(a, b, dim=1).mean().item()
 
 
-def ranking(features: Tensor, pids: np.ndarray, camids: np.ndarray, num_query: int) -> dict[str, float]:
-    """mAP and Rank-1 of the first `num_query` rows against the rest, by eval.py's default distance."""
-    result = evaluate_rank(embedding_distance(features[:num_query], features[num_query:]).numpy(),
-                           pids[:num_query], pids[num_query:], camids[:num_query], camids[num_query:])
+def ranking(features: Tensor, labels: dict[str, np.ndarray], split: str, prepared: Path) -> dict[str, float]:
+    """mAP and Rank-1 of the query rows (the first) against the gallery rows, by eval.py's default distance;
+    `labels` holds q_pids, g_pids, q_camids and g_camids."""
+    num_query = len(labels["q_pids"])
+    distances = embedding_distance(features[:num_query], features[num_query:]).numpy()
+    result = rank_split(distances, labels, split, prepared)
     return {"mAP": result["mAP"], "rank1": float(result["cmc"][0])}
 
 
@@ -97,10 +100,11 @@ def denoiser_figures(model: ReIDModel, prepared: Path, split: str, view: str = "
     """Clean and second-view mAP and Rank-1 before and after the denoiser, the mean clean-to-view cosine of each
     stage, the denoiser's mean correction ‖D(E(f))‖ / ‖f‖ on clean and second-view images, and the mean cosine
     of each stage's second-view feature with the clean backbone feature (the denoiser's training target)."""
-    records, num_query, paths = split_images(prepared, split)
+    records, n, paths = split_images(prepared, split)
     pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
+    labels = {"q_pids": pids[:n], "g_pids": pids[n:], "q_camids": camids[:n], "g_camids": camids[n:]}
     views = {"clean": stage_features(model, paths), view: second_view(model, prepared, split, view, seed)}
-    figures: dict = {stage: {name: ranking(found[stage], pids, camids, num_query) for name, found in views.items()}
+    figures: dict = {stage: {name: ranking(found[stage], labels, split, prepared) for name, found in views.items()}
                      for stage in STAGES}
     for stage in STAGES:
         figures[stage][f"clean_{view}_cosine"] = mean_cosine(views["clean"][stage], views[view][stage])
@@ -115,8 +119,8 @@ def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, .
     """Per stage: clean mAP, the second view's mAP, the clean-to-view cosine and the view-to-clean-feature cosine,
     each as mean ± std over runs."""
     def cell(values: list[float]) -> str:
-        mean, std = seed_stats([100 * v for v in values])
-        return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+        mean, std = seed_stats(values)
+        return pairings_cell({"figure": mean, "figure_std": std}, "figure")
 
     return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage][view]["mAP"] for r in runs]),
              cell([r[stage][f"clean_{view}_cosine"] for r in runs]),
