@@ -436,12 +436,15 @@ class Heads(nn.Module):
 RECON_TARGETS = ("feature", "image")
 # Where the autoencoder sits. series: its code is the embedding. branch: the backbone feature is (as in BoT), and the
 # autoencoder beside it reads the feature, its reconstruction regularising the backbone. residual: a feature denoiser,
-# the embedding f + D(E(f)).
-PLACEMENTS = ("series", "branch", "residual")
+# the embedding f + D(E(f)). residual-apart: the same denoiser trained apart, on the detached feature and by its
+# reconstruction alone, while the triplet, identity and Siamese terms read the backbone feature f.
+PLACEMENTS = ("series", "branch", "residual", "residual-apart")
+DENOISERS = ("residual", "residual-apart")
 # The retrieval embedding: the placement's code (the autoencoder's μ in series, the feature in branch, the denoised
-# feature in residual), that code through the identity classifier's BatchNorm neck (BoT's test-time feature), the
-# L2-normalised code, or, in branch, the L2-normalised code beside the autoencoder's L2-normalised μ. The triplet and
-# Siamese terms read the embedding as training forms it (the neck's input for mu-bn).
+# feature in residual and residual-apart), that code through the identity classifier's BatchNorm neck (BoT's test-time
+# feature), the L2-normalised code, or, in branch, the L2-normalised code beside the autoencoder's L2-normalised μ. The
+# triplet and Siamese terms read the embedding as training forms it (the neck's input for mu-bn; in residual-apart,
+# the feature f).
 EMBEDDINGS = ("mu", "mu-bn", "mu-l2", "mu+latent")
 
 
@@ -493,7 +496,7 @@ class ReIDModel(nn.Module):
         self.recon_target, self.recon_size = recon_target, recon_size(img_size)
         if recon_target == "image":  # part of the autoencoder, so it is saved and loaded with it (ae.pt)
             self.ae.image_decoder = ImageDecoder(self.ae.latent_dim, self.recon_size)
-        if self.placement == "residual":  # the denoiser starts as the identity: the model starts as `none`
+        if self.placement in DENOISERS:  # the denoiser starts as the identity: the model starts as `none`
             nn.init.zeros_(self.ae.decoder[-1].weight)
             nn.init.zeros_(self.ae.decoder[-1].bias)
         self.code_dim = self.ae.latent_dim if self.placement == "series" else self.feat_dim
@@ -507,11 +510,11 @@ class ReIDModel(nn.Module):
 
     def code(self, feat: Tensor) -> Tensor:
         """The placement's deterministic code of backbone features: the autoencoder's μ (series), the feature
-        (branch), or the denoised feature f + D(E(f)) (residual)."""
+        (branch), or the denoised feature f + D(E(f)) (residual, residual-apart)."""
         if self.placement == "series":
             return self.ae.encode(feat)
         # The decoder reads the deterministic code (μ, no denoising noise).
-        return feat + self.ae.decoder(self.ae.encode(feat)) if self.placement == "residual" else feat
+        return feat + self.ae.decoder(self.ae.encode(feat)) if self.placement in DENOISERS else feat
 
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding [B, embed_dim]: deterministic (μ for the VAE, no denoising noise), through the
@@ -553,15 +556,17 @@ class ReIDModel(nn.Module):
         batch only gives the image target, and target_feat is each row's own feature (no second backbone pass).
         """
         feat = self.backbone(images)
-        out = self.ae(feat)
+        # residual-apart: the autoencoder reads the detached feature, so none of its terms reaches the backbone.
+        read = feat.detach() if self.placement == "residual-apart" else feat
+        out = self.ae(read)
         if self.placement == "branch":
             # Only the reconstruction reaches the backbone through the autoencoder: its other outputs (code, KL,
             # sparsity) come from a pass on the detached feature.
             out = {**self.ae(feat.detach()), "recon": out["recon"], "latent": out["latent"]}
-        code = feat if self.placement == "branch" else out["z"]
-        if self.placement == "residual":
-            code = feat + out["recon"]
-            out["recon"] = code  # the denoised feature, drawn towards the clean view's
+        code = out["z"] if self.placement == "series" else feat
+        if self.placement in DENOISERS:
+            out["recon"] = read + out["recon"]  # the denoised feature, drawn towards the clean view's
+            code = out["recon"] if self.placement == "residual" else feat
         out["feat"], out["target_feat"] = feat, self.clean_feature(feat, clean if clean_pass else None, views)
         if self.recon_target == "image":
             out["recon"] = self.ae.image_decoder(out["latent"])
@@ -600,8 +605,8 @@ def check_model_choices(ae_name: str, recon_target: str, embedding: str, placeme
     if embedding == "mu+latent" and (placement != "branch" or ae_name == "none"):
         raise ValueError("embedding mu+latent joins an autoencoder's latent to the feature: it needs placement "
                          f"branch and an autoencoder, not {placement} with {ae_name}")
-    if placement == "residual" and recon_target == "image":
-        raise ValueError("placement residual denoises the feature: its reconstruction target is the feature, "
+    if placement in DENOISERS and recon_target == "image":
+        raise ValueError(f"placement {placement} denoises the feature: its reconstruction target is the feature, "
                          "not the image")
 
 

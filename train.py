@@ -136,12 +136,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="where the autoencoder sits: series, its code is the embedding; branch, the embedding is the backbone "
         "feature (BoT's) and the autoencoder beside it reads that feature, only its reconstruction reaching the "
         "backbone; residual, a feature denoiser: the embedding is f + D(E(f)), drawn towards the clean view's "
-        "feature by the reconstruction term (ignored by --ae-name none)")
+        "feature by the reconstruction term; residual-apart, that denoiser trained apart, on the detached feature and "
+        "by its reconstruction alone, while the triplet, identity and Siamese terms read f (ignored by --ae-name none)")
     add("--embedding", choices=EMBEDDINGS, default="mu-l2",
         help="the retrieval embedding: mu, the placement's code (series: μ of the autoencoder, the feature for none; "
-        "branch: the feature; residual: the denoised feature); mu-bn, that code through the identity classifier's "
-        "BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; mu+latent "
-        "(branch), the L2-normalised code beside the autoencoder's L2-normalised μ, read by them too")
+        "branch: the feature; residual, residual-apart: the denoised feature); mu-bn, that code through the identity "
+        "classifier's BatchNorm neck; mu-l2, the L2-normalised code, which the triplet and Siamese terms then read; "
+        "mu+latent (branch), the L2-normalised code beside the autoencoder's L2-normalised μ, read by them too")
     add("--last-stride", type=int, default=1, choices=(1, 2), help="ResNet's last stride (1 keeps more detail)")
     add("--recon-target", choices=RECON_TARGETS, default="feature",
         help="what the decoder rebuilds: the backbone feature, or the input image at a quarter of its size")

@@ -31,7 +31,7 @@ from degradations import degrade  # noqa: E402
 from embedding import ImageList  # noqa: E402
 from eval_inputs import split_images  # noqa: E402
 from metrics import embedding_distance, rank_split  # noqa: E402
-from model import ReIDModel, load_trained  # noqa: E402
+from model import DENOISERS, ReIDModel, load_trained  # noqa: E402
 from studies.pairings import cell as pairings_cell  # noqa: E402
 from studies.pairings import seed_stats  # noqa: E402
 from utils import UserError, setup_logging, write_json  # noqa: E402
@@ -46,9 +46,10 @@ VIEWS = ("corrupted", "degraded")
 def residual_model(result_dir: Path, device: str) -> ReIDModel:
     """The run's trained model; one that is not a residual denoiser with a code embedding is named."""
     model = load_trained(result_dir, device)
-    if model.placement != "residual" or model.embedding not in CODE_EMBEDDINGS:
+    if model.placement not in DENOISERS or model.embedding not in CODE_EMBEDDINGS:
         raise UserError(f"{result_dir}: trained with --ae-placement {model.placement} --embedding {model.embedding}; "
-                        f"expected --ae-placement residual with --embedding {' or '.join(CODE_EMBEDDINGS)}")
+                        f"expected --ae-placement {' or '.join(DENOISERS)} with --embedding "
+                        f"{' or '.join(CODE_EMBEDDINGS)}")
     return model
 
 
@@ -130,7 +131,8 @@ def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, .
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("runs", type=Path, nargs="+", help="result directories of runs trained with --ae-placement residual")
+    add("runs", type=Path, nargs="+",
+        help="result directories of runs trained with --ae-placement residual or residual-apart")
     add("--data", type=Path, required=True, help="the prepared data set the runs were trained on")
     add("--split", default="test", help="the split to rank (test, val, all_vs_all_test or all_vs_all_val)")
     add("--view", choices=VIEWS, default="corrupted",

@@ -14,18 +14,21 @@ import train
 from conftest import ROOT, SHORT_SCHEDULE
 from corruptions import CorruptionSettings
 from degradations import degrade
+from model import DENOISERS
 from utils import UserError, read_json
 
 sys.path.insert(0, str(ROOT / "studies"))
 import denoiser  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def residual_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """resnet18 + dae as a residual denoiser with the mu-l2 embedding, one epoch on degraded views."""
+@pytest.fixture(scope="module", params=DENOISERS)
+def residual_run(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory,
+                 request: pytest.FixtureRequest) -> Path:
+    """resnet18 + dae as a residual denoiser (trained with the other terms, or apart) with the mu-l2 embedding, one
+    epoch on degraded views."""
     result = tmp_path_factory.mktemp("denoiser") / "run"
     train.main([*SHORT_SCHEDULE, "--data", str(synthetic_prepared), "--result-dir", str(result), "--epochs", "1",
-                "--backbone-name", "resnet18", "--ae-name", "dae", "--ae-placement", "residual", "--degraded-views",
+                "--backbone-name", "resnet18", "--ae-name", "dae", "--ae-placement", request.param, "--degraded-views",
                 "--embedding", "mu-l2", "--latent-dim", "32", "--img-size", "64", "32", "--batch-p", "4",
                 "--batch-k", "2", "--workers", "0", "--quiet"])
     return result
@@ -84,7 +87,7 @@ def test_mean_cosine_matches_a_hand_worked_value():
 
 
 def test_a_run_that_is_not_a_residual_denoiser_is_named(tiny_run: Path):
-    with pytest.raises(UserError, match=r"--ae-placement series .* expected --ae-placement residual"):
+    with pytest.raises(UserError, match=r"--ae-placement series .* expected --ae-placement residual or residual-apart"):
         denoiser.residual_model(tiny_run, "cpu")
 
 

@@ -1,4 +1,5 @@
-"""Where the autoencoder sits (series, branch, residual), the views' consistency terms and CIL's AugMix views."""
+"""Where the autoencoder sits (series, branch, residual, residual-apart), the views' consistency terms and CIL's
+AugMix views."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import train
 from augmix import AUGMIX_OPS, augmix_transform, augmix_views
 from corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from losses import LossWeights, feature_consistency, js_consistency, kl_normal, reconstruction_loss, total_loss
-from model import PLACEMENTS, ReIDModel
+from model import DENOISERS, PLACEMENTS, ReIDModel
 from trainstep import TrainStep, clean_view_rows
 
 IMG = (64, 32)
@@ -39,14 +40,16 @@ def test_each_placement_embeds_its_own_tensor(ae: str, placement: str):
     with torch.no_grad():
         feat = model.backbone(x)
         out = model(x)
-        expected = {"series": model.ae.encode(feat), "branch": feat,
-                    "residual": feat + model.ae.decoder(model.ae.encode(feat))}[placement]
+        denoised = feat + model.ae.decoder(model.ae.encode(feat))
+        expected = {"series": model.ae.encode(feat), "branch": feat, "residual": denoised,
+                    "residual-apart": denoised}[placement]
+        trained = feat if placement == "residual-apart" else expected  # what the triplet and identity terms read
         embedding = model.embed(x)
     dim = LATENT if placement == "series" else model.feat_dim
     assert model.embed_dim == dim and embedding.shape == (8, dim) and out["logits"].shape == (8, 4)
     torch.testing.assert_close(embedding, expected)
-    torch.testing.assert_close(out["z"], expected)
-    torch.testing.assert_close(out["logits"], model.classifier.identity(expected))
+    torch.testing.assert_close(out["z"], trained)
+    torch.testing.assert_close(out["logits"], model.classifier.identity(trained))
     assert out["recon"].shape == out["recon_target"].shape == (8, model.feat_dim)
 
 
@@ -115,9 +118,10 @@ def test_in_branch_a_hook_on_the_feature_sees_the_reconstructions_gradient_alone
     assert len(seen) == 1 and seen[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("placement", DENOISERS)
 @pytest.mark.parametrize("ae", ["ae", "dae", "vae"])
-def test_residual_with_the_denoiser_zeroed_is_the_model_without_an_autoencoder(ae: str):
-    residual = build(ae, "residual")
+def test_residual_with_the_denoiser_zeroed_is_the_model_without_an_autoencoder(ae: str, placement: str):
+    residual = build(ae, placement)
     plain = build("none", "series")
     plain.backbone.load_state_dict(residual.backbone.state_dict())
     plain.classifier.load_state_dict(residual.classifier.state_dict())
@@ -144,6 +148,30 @@ def test_residual_draws_the_denoised_degraded_feature_towards_the_clean_one():
     with torch.no_grad():
         torch.testing.assert_close(out["recon_target"], model.backbone(clean))
     assert not out["recon_target"].requires_grad
+
+
+def parameter_gradient(parameters, loss: torch.Tensor) -> float:
+    """The summed |gradient| `parameters` get from `loss`."""
+    grads = torch.autograd.grad(loss, list(parameters), retain_graph=True, allow_unused=True)
+    return float(sum(g.abs().sum() for g in grads if g is not None))
+
+
+@pytest.mark.parametrize("ae", ["ae", "dae"])
+def test_residual_apart_trains_the_denoiser_by_its_reconstruction_alone(ae: str):
+    model = build(ae, "residual-apart").train()
+    x, labels = images(), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    out = model(x, x + 0.5)
+    weights = LossWeights(triplet=1.0, id=1.0, bce=1.0)
+    discriminative = total_loss(out, labels, weights, model, pair_count=4,
+                                lottery=torch.rand(28, generator=torch.Generator().manual_seed(5)))[0]
+    recon = reconstruction_loss(out["recon"], out["recon_target"])
+    assert parameter_gradient(model.ae.parameters(), discriminative) == 0
+    assert parameter_gradient(model.backbone.parameters(), discriminative) > 0
+    assert parameter_gradient(model.ae.parameters(), recon) > 0
+    assert parameter_gradient(model.backbone.parameters(), recon) == 0
+    with torch.no_grad():  # the denoised degraded feature is drawn towards the clean view's
+        torch.testing.assert_close(out["recon"], out["feat"] + model.ae.decoder(model.ae.encode(out["feat"])))
+        torch.testing.assert_close(out["recon_target"], model.backbone(x + 0.5))
 
 
 def test_stacked_views_take_the_clean_views_feature_as_every_target():
@@ -268,6 +296,7 @@ def test_augmix_views_are_a_function_of_the_seed_and_the_global_row():
     (["--ae-name", "vae", "--ae-placement", "series", "--embedding", "mu+latent"], "needs placement branch"),
     (["--ae-name", "none", "--ae-placement", "branch"], "--ae-name none has none"),
     (["--ae-name", "vae", "--ae-placement", "residual", "--recon-target", "image"], "not the image"),
+    (["--ae-name", "dae", "--ae-placement", "residual-apart", "--recon-target", "image"], "not the image"),
 ])
 def test_views_and_placement_flags_that_do_not_fit_are_named(flags: list[str], message: str,
                                                             capsys: pytest.CaptureFixture):
