@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_residual_draws_the_denoised_degraded_feature_towards_the_clean_one():
     assert not out["recon_target"].requires_grad
 
 
-def parameter_gradient(parameters, loss: torch.Tensor) -> float:
+def parameter_gradient(parameters: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> float:
     """The summed |gradient| `parameters` get from `loss`."""
     grads = torch.autograd.grad(loss, list(parameters), retain_graph=True, allow_unused=True)
     return float(sum(g.abs().sum() for g in grads if g is not None))
