@@ -183,12 +183,19 @@ def split_features(model: ReIDModel, settings: dict, prepared: Path, split: str,
         return cached
     records, n, images = split_images(prepared, split, corruption)
     features = embed_images(model, images, batch_size, flip, workers, progress=True).numpy()
-    pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
     files = np.array([str(Path(r.path).relative_to(prepared)) for r in records])
-    found = {"qf": features[:n], "gf": features[n:], "q_pids": pids[:n], "g_pids": pids[n:],
-             "q_camids": camids[:n], "g_camids": camids[n:], "q_files": files[:n], "g_files": files[n:]}
+    found = {"qf": features[:n], "gf": features[n:], **split_labels(records, n), "q_files": files[:n],
+             "g_files": files[n:]}
     write_npz_cache(cache, key, found)
     return found
+
+
+def split_labels(records: Sequence[ImageRecord], num_query: int) -> dict[str, np.ndarray]:
+    """The query and gallery identities and cameras of a split's records (queries first): q_pids, g_pids,
+    q_camids, g_camids."""
+    pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
+    return {"q_pids": pids[:num_query], "g_pids": pids[num_query:], "q_camids": camids[:num_query],
+            "g_camids": camids[num_query:]}
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corruptions import CorruptionSettings  # noqa: E402
 from degradations import degrade  # noqa: E402
 from embedding import ImageList  # noqa: E402
-from eval_inputs import split_images  # noqa: E402
+from eval_inputs import split_images, split_labels  # noqa: E402
 from metrics import embedding_distance, rank_split  # noqa: E402
 from model import DENOISERS, ReIDModel, load_trained  # noqa: E402
-from studies.pairings import cell as pairings_cell  # noqa: E402
-from studies.pairings import seed_stats  # noqa: E402
+from studies.pairings import percent, seed_stats  # noqa: E402
 from utils import UserError, setup_logging, write_json  # noqa: E402
 
 STAGES = ("before", "after")  # the backbone feature f; the denoised feature f + D(E(f))
@@ -101,9 +100,8 @@ def denoiser_figures(model: ReIDModel, prepared: Path, split: str, view: str = "
     """Clean and second-view mAP and Rank-1 before and after the denoiser, the mean clean-to-view cosine of each
     stage, the denoiser's mean correction ‖D(E(f))‖ / ‖f‖ on clean and second-view images, and the mean cosine
     of each stage's second-view feature with the clean backbone feature (the denoiser's training target)."""
-    records, n, paths = split_images(prepared, split)
-    pids, camids = np.array([r.pid for r in records]), np.array([r.camid for r in records])
-    labels = {"q_pids": pids[:n], "g_pids": pids[n:], "q_camids": camids[:n], "g_camids": camids[n:]}
+    records, num_query, paths = split_images(prepared, split)
+    labels = split_labels(records, num_query)
     views = {"clean": stage_features(model, paths), view: second_view(model, prepared, split, view, seed)}
     figures: dict = {stage: {name: ranking(found[stage], labels, split, prepared) for name, found in views.items()}
                      for stage in STAGES}
@@ -120,8 +118,7 @@ def summary_rows(runs: list[dict], view: str = "corrupted") -> list[tuple[str, .
     """Per stage: clean mAP, the second view's mAP, the clean-to-view cosine and the view-to-clean-feature cosine,
     each as mean ± std over runs."""
     def cell(values: list[float]) -> str:
-        mean, std = seed_stats(values)
-        return pairings_cell({"figure": mean, "figure_std": std}, "figure")
+        return percent(*seed_stats(values))
 
     return [(stage, cell([r[stage]["clean"]["mAP"] for r in runs]), cell([r[stage][view]["mAP"] for r in runs]),
              cell([r[stage][f"clean_{view}_cosine"] for r in runs]),

@@ -286,11 +286,13 @@ def baseline_of(row: dict, rows: list[dict]) -> dict | None:
 
 
 def cell(row: dict, key: str) -> str:
-    """A figure in %, with ± its spread over the seeds when there are several."""
-    if key not in row:
-        return "n/a"
-    spread = row.get(f"{key}_std")
-    return f"{100 * row[key]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+    """A row's figure in %, with ± its spread over the seeds when there are several."""
+    return percent(row[key], row.get(f"{key}_std")) if key in row else "n/a"
+
+
+def percent(value: float, spread: float | None) -> str:
+    """A fraction in %, with ± its spread when there is one."""
+    return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
 
 def versus(row: dict, base: dict | None, key: str) -> str:

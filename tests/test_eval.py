@@ -360,3 +360,15 @@ def test_the_flags_become_typed_options():
     assert options.ranking == eval_inputs.RankingOptions(k1=7, aqe=True)
     assert options.embedding == eval_inputs.EmbeddingOptions(flip=True, cache=False)
     assert (options.corruption.names, options.corruption.severities, options.out) == (("fog",), (2,), None)
+
+
+def test_split_labels_cut_the_records_at_the_query_count():
+    import eval_inputs
+    from layouts import ImageRecord
+
+    records = [ImageRecord("q0.jpg", 3, 1, 0), ImageRecord("q1.jpg", 5, 2, 0), ImageRecord("g0.jpg", 3, 4, 0),
+               ImageRecord("g1.jpg", -1, 1, 0), ImageRecord("g2.jpg", 0, 6, 0)]
+    labels = eval_inputs.split_labels(records, 2)
+    assert list(labels) == ["q_pids", "g_pids", "q_camids", "g_camids"]
+    assert labels["q_pids"].tolist() == [3, 5] and labels["g_pids"].tolist() == [3, -1, 0]
+    assert labels["q_camids"].tolist() == [1, 2] and labels["g_camids"].tolist() == [4, 1, 6]
